@@ -1,0 +1,163 @@
+// Package pgsql holds the small PostgreSQL helpers every shadowctl package
+// shares: identifier quoting, lock_timeout scoping, error classification and
+// DSN redaction. It owns no state and knows nothing about migrations.
+package pgsql
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/url"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
+)
+
+// Ident quotes one identifier (pgx's quoting).
+func Ident(name string) string { return pgx.Identifier{name}.Sanitize() }
+
+// QualifiedName is a schema-qualified relation or function name.
+type QualifiedName struct {
+	Schema string
+	Name   string
+}
+
+// Quoted is the name as SQL, both parts quoted.
+func (q QualifiedName) Quoted() string { return pgx.Identifier{q.Schema, q.Name}.Sanitize() }
+
+// String is the name for people: quoted only where SQL would need it.
+func (q QualifiedName) String() string { return q.Quoted() }
+
+// Literal quotes a string as an SQL literal.
+func Literal(s string) string {
+	return "'" + strings.ReplaceAll(s, "'", "''") + "'"
+}
+
+// Querier is what both a connection and a transaction offer.
+type Querier interface {
+	Exec(ctx context.Context, sql string, args ...any) (pgconn.CommandTag, error)
+	Query(ctx context.Context, sql string, args ...any) (pgx.Rows, error)
+	QueryRow(ctx context.Context, sql string, args ...any) pgx.Row
+}
+
+// SetLocalLockTimeout bounds every lock wait of the current transaction.
+func SetLocalLockTimeout(ctx context.Context, tx Querier, d time.Duration) error {
+	_, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", max(d.Milliseconds(), 1)))
+	return err
+}
+
+// SetLockTimeout bounds lock waits for the session (statements outside an
+// explicit transaction).
+func SetLockTimeout(ctx context.Context, c Querier, d time.Duration) error {
+	_, err := c.Exec(ctx, fmt.Sprintf("SET lock_timeout = '%dms'", max(d.Milliseconds(), 1)))
+	return err
+}
+
+// Code returns the SQLSTATE of a PostgreSQL error, or "".
+func Code(err error) string {
+	var pgErr *pgconn.PgError
+	if errors.As(err, &pgErr) {
+		return pgErr.Code
+	}
+	return ""
+}
+
+// SQLSTATEs the tool reacts to.
+const (
+	CodeLockNotAvailable     = "55P03"
+	CodeQueryCanceled        = "57014"
+	CodeDeadlockDetected     = "40P01"
+	CodeSerializationFailure = "40001"
+	CodeUniqueViolation      = "23505"
+	CodeUndefinedTable       = "42P01"
+	CodeDuplicateObject      = "42710"
+	CodeDuplicateSchema      = "42P06"
+	CodeDuplicateTable       = "42P07"
+)
+
+// IsLockTimeout reports whether err is a lock_timeout expiry.
+func IsLockTimeout(err error) bool { return Code(err) == CodeLockNotAvailable }
+
+// IsRetryable reports whether a short transaction that failed with err may be
+// retried as it was: lock timeouts, deadlocks and serialization failures.
+func IsRetryable(err error) bool {
+	switch Code(err) {
+	case CodeLockNotAvailable, CodeDeadlockDetected, CodeSerializationFailure:
+		return true
+	}
+	return false
+}
+
+// Describe renders a PostgreSQL error with its code, detail and hint, for
+// messages to operators.
+func Describe(err error) string {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return err.Error()
+	}
+	s := fmt.Sprintf("%s (SQLSTATE %s)", pgErr.Message, pgErr.Code)
+	if pgErr.Detail != "" {
+		s += "; detail: " + pgErr.Detail
+	}
+	if pgErr.Hint != "" {
+		s += "; hint: " + pgErr.Hint
+	}
+	return s
+}
+
+// Password extracts the password from a DSN (URL or key=value form), or "".
+func Password(dsn string) string {
+	if dsn == "" {
+		return ""
+	}
+	if cfg, err := pgconn.ParseConfig(dsn); err == nil {
+		return cfg.Password
+	}
+	if u, err := url.Parse(dsn); err == nil && u.User != nil {
+		if p, ok := u.User.Password(); ok {
+			return p
+		}
+	}
+	for _, f := range strings.Fields(dsn) {
+		if v, ok := strings.CutPrefix(f, "password="); ok {
+			return strings.Trim(v, "'")
+		}
+	}
+	return ""
+}
+
+// Redact removes every occurrence of the DSN's password (and its URL-escaped
+// form) from s.
+func Redact(s, dsn string) string {
+	pw := Password(dsn)
+	if pw == "" {
+		return s
+	}
+	s = strings.ReplaceAll(s, pw, "xxxxx")
+	if esc := url.QueryEscape(pw); esc != pw {
+		s = strings.ReplaceAll(s, esc, "xxxxx")
+	}
+	if esc := url.PathEscape(pw); esc != pw {
+		s = strings.ReplaceAll(s, esc, "xxxxx")
+	}
+	return s
+}
+
+// RedactedError wraps an error so that its message never shows a password.
+type RedactedError struct {
+	err error
+	dsn string
+}
+
+// RedactError returns err with the DSN's password removed from its message.
+func RedactError(err error, dsn string) error {
+	if err == nil || Password(dsn) == "" {
+		return err
+	}
+	return &RedactedError{err: err, dsn: dsn}
+}
+
+func (e *RedactedError) Error() string { return Redact(e.err.Error(), e.dsn) }
+func (e *RedactedError) Unwrap() error { return e.err }
