@@ -90,6 +90,19 @@ func (c Catalog) steps() []string {
 			data         jsonb
 		);
 		CREATE INDEX events_by_migration ON ` + s + `.events (migration_id, id);`,
+		// 2: checkpoints of batched UPDATE backfills (expand/contract).
+		`CREATE TABLE ` + s + `.backfills (
+			id            text PRIMARY KEY,
+			table_schema  text NOT NULL,
+			table_name    text NOT NULL,
+			spec          jsonb NOT NULL,
+			last_key      text[],
+			rows_changed  bigint NOT NULL DEFAULT 0,
+			done          boolean NOT NULL DEFAULT false,
+			error         text,
+			created_at    timestamptz NOT NULL DEFAULT now(),
+			updated_at    timestamptz NOT NULL DEFAULT now()
+		);`,
 	}
 }
 
