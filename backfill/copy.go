@@ -1,0 +1,391 @@
+// Package backfill moves rows in batches: the chunked blue→green copy of a
+// blue-green migration (this file), and the batched UPDATE backfills of the
+// expand/contract pattern. It owns batching, key ranges, workers, throttling
+// and checkpoint progress; where checkpoints are stored is the caller's
+// business (an interface), and what a row becomes is the shared row mapping.
+package backfill
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	stdsync "sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/rowmap"
+	"golang.org/x/sync/errgroup"
+)
+
+// ErrBadRow means a row of blue could not be converted into green's shape.
+var ErrBadRow = errors.New("a row cannot be copied")
+
+// Range is a slice of the source key space copied by one worker at a time:
+// keys above Lower (exclusive, nil = from the start) up to Upper (inclusive on
+// the first key column, nil = to the end). Last is the checkpoint.
+type Range struct {
+	No    int      `json:"no"`
+	Lower []string `json:"lower,omitempty"`
+	Upper []string `json:"upper,omitempty"`
+	Last  []string `json:"last,omitempty"`
+	Done  bool     `json:"done"`
+	Rows  int64    `json:"rows"`
+}
+
+// Checkpointer persists a range's progress inside the batch's own
+// transaction, so a batch and its checkpoint commit together or not at all.
+type Checkpointer interface {
+	SaveRange(ctx context.Context, tx pgx.Tx, r Range) error
+}
+
+// Copier copies the rows of Mapping.Source into Mapping.Target.
+type Copier struct {
+	Pool        *pgxpool.Pool
+	Mapping     rowmap.Mapping
+	Workers     int
+	LockTimeout time.Duration
+	Log         zerolog.Logger
+	// BatchSize is the largest batch; batches shrink and grow to take about
+	// TargetBatchTime each.
+	BatchSize       int
+	TargetBatchTime time.Duration
+	// MaxRowsPerSecond caps the copy rate (0: no cap); changeable while running.
+	MaxRowsPerSecond atomic.Int64
+	// Progress, when set, is told about each committed batch.
+	Progress func(rows int64)
+	// Gate, when set, is called before each batch; it blocks while the copy
+	// must wait (paused, throttled) and returns an error to stop.
+	Gate func(ctx context.Context) error
+	// Failpoint, when set, runs inside each batch's transaction after the rows
+	// were read and written and before the commit (tests use it to interleave).
+	Failpoint func(ctx context.Context, r Range) error
+
+	limiter rateLimiter
+}
+
+// SplitRanges cuts the source key space into ranges for parallel workers. An
+// integer first key column is cut into equal slices of [min, max]; any other
+// key is one range.
+func (c *Copier) SplitRanges(ctx context.Context, q pgsql.Querier, n int) ([]Range, error) {
+	m := c.Mapping
+	if n < 1 {
+		n = 1
+	}
+	first, typ := m.SourceKey[0], m.SourceKeyTypes[0]
+	if n == 1 || (typ != "integer" && typ != "bigint" && typ != "smallint") {
+		return []Range{{No: 0}}, nil
+	}
+	var lo, hi *int64
+	err := q.QueryRow(ctx, fmt.Sprintf("SELECT min(%[1]s)::bigint, max(%[1]s)::bigint FROM ONLY %[2]s",
+		pgsql.Ident(first), m.Source.Quoted())).Scan(&lo, &hi)
+	if err != nil {
+		return nil, fmt.Errorf("split ranges of %s: %w", m.Source, err)
+	}
+	if lo == nil || *hi-*lo < int64(n)*1000 {
+		return []Range{{No: 0}}, nil
+	}
+	step := (*hi - *lo) / int64(n)
+	ranges := make([]Range, n)
+	prev := []string(nil)
+	for i := 0; i < n; i++ {
+		r := Range{No: i, Lower: prev}
+		if i < n-1 {
+			r.Upper = []string{fmt.Sprint(*lo + step*int64(i+1))}
+			prev = r.Upper
+		}
+		ranges[i] = r
+	}
+	return ranges, nil
+}
+
+// Run copies every range that is not done, resuming from each one's
+// checkpoint, with up to Workers ranges at a time.
+func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error {
+	if c.BatchSize <= 0 {
+		c.BatchSize = 10000
+	}
+	if c.TargetBatchTime <= 0 {
+		c.TargetBatchTime = 500 * time.Millisecond
+	}
+	c.limiter.rate = &c.MaxRowsPerSecond
+	work := make(chan Range)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		defer close(work)
+		for _, r := range ranges {
+			if r.Done {
+				continue
+			}
+			select {
+			case work <- r:
+			case <-gctx.Done():
+				return gctx.Err()
+			}
+		}
+		return nil
+	})
+	workers := max(c.Workers, 1)
+	for w := 0; w < workers; w++ {
+		g.Go(func() error {
+			for r := range work {
+				if err := c.copyRange(gctx, r, cp); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	return g.Wait()
+}
+
+func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error {
+	size := c.BatchSize
+	stmt := c.batchSQL(r)
+	for !r.Done {
+		if c.Gate != nil {
+			if err := c.Gate(ctx); err != nil {
+				return err
+			}
+		}
+		if err := c.limiter.wait(ctx, int64(size)); err != nil {
+			return err
+		}
+		start := time.Now()
+		var n, inserted int64
+		var last []string
+		err := c.retry(ctx, func() error {
+			return pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error {
+				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
+					return err
+				}
+				args := c.batchArgs(r, size)
+				if err := tx.QueryRow(ctx, stmt, args...).Scan(&n, &inserted, &last); err != nil {
+					return err
+				}
+				next := r
+				next.Rows += n
+				if n > 0 {
+					next.Last = last
+				}
+				next.Done = n < int64(size)
+				if c.Failpoint != nil {
+					if err := c.Failpoint(ctx, next); err != nil {
+						return err
+					}
+				}
+				return cp.SaveRange(ctx, tx, next)
+			})
+		})
+		if err != nil {
+			if isDataError(err) {
+				return c.explainBadRow(ctx, r, size, err)
+			}
+			return fmt.Errorf("copy %s → %s, range %d after key %v: %w", c.Mapping.Source, c.Mapping.Target, r.No, r.Last, err)
+		}
+		r.Rows += n
+		if n > 0 {
+			r.Last = last
+		}
+		r.Done = n < int64(size)
+		if c.Progress != nil {
+			c.Progress(n)
+		}
+		size = c.nextSize(size, time.Since(start))
+		c.Log.Debug().Int("range", r.No).Int64("rows", n).Int("next_batch", size).Dur("took", time.Since(start)).Msg("batch copied")
+	}
+	return nil
+}
+
+// nextSize adapts the batch size to the target time per batch.
+func (c *Copier) nextSize(size int, took time.Duration) int {
+	switch {
+	case took > c.TargetBatchTime*3/2 && size > 100:
+		size = size * 2 / 3
+	case took < c.TargetBatchTime/3 && size < c.BatchSize:
+		size = min(size*3/2+1, c.BatchSize)
+	}
+	return size
+}
+
+// retry runs fn again after lock timeouts, deadlocks and serialization
+// failures, with backoff and jitter.
+func (c *Copier) retry(ctx context.Context, fn func() error) error {
+	var err error
+	for attempt := 0; attempt < 20; attempt++ {
+		if err = fn(); err == nil || !pgsql.IsRetryable(err) {
+			return err
+		}
+		c.Log.Debug().Err(err).Int("attempt", attempt+1).Msg("batch retried")
+		if werr := Backoff(ctx, attempt, 20*time.Millisecond, 2*time.Second); werr != nil {
+			return werr
+		}
+	}
+	return err
+}
+
+// batchSQL renders one batch: lock the next rows of the range against
+// deletion and key change (FOR KEY SHARE), insert their mapping unless the
+// sync already put a newer version there (ON CONFLICT DO NOTHING), and report
+// how many rows were read, inserted, and the last key. Rows deleted before we
+// lock them are skipped; rows deleted after wait for our commit and are then
+// deleted from green by the sync. So a batch can neither resurrect a deleted
+// row nor overwrite a newer one.
+func (c *Copier) batchSQL(r Range) string {
+	m := c.Mapping
+	keyList := m.SourceKeyList("b")
+	var where []string
+	params := make([]string, len(m.SourceKey))
+	for i, t := range m.SourceKeyTypes {
+		params[i] = fmt.Sprintf("$%d::text::%s", i+1, t)
+	}
+	n := len(m.SourceKey)
+	// $1..$n: lower bound (checkpoint or range lower; NULLs mean none).
+	where = append(where, fmt.Sprintf("($1::text IS NULL OR %s > (%s))", keyList, strings.Join(params, ", ")))
+	if r.Upper != nil {
+		where = append(where, fmt.Sprintf("b.%s <= $%d::text::%s", pgsql.Ident(m.SourceKey[0]), n+2, m.SourceKeyTypes[0]))
+	}
+	desc := make([]string, n)
+	lastArr := make([]string, n)
+	for i, k := range m.SourceKey {
+		desc[i] = pgsql.Ident(k) + " DESC"
+		lastArr[i] = pgsql.Ident(k) + "::text"
+	}
+	return fmt.Sprintf(`WITH src AS MATERIALIZED (
+  SELECT * FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d FOR KEY SHARE OF b
+), ins AS (
+  %s %s RETURNING 1
+)
+SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT ARRAY[%s] FROM src ORDER BY %s LIMIT 1)`,
+		m.Source.Quoted(), strings.Join(where, " AND "), strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")"), n+1,
+		m.InsertSelect("src"), m.OnConflictDoNothing(), strings.Join(lastArr, ", "), strings.Join(desc, ", "))
+}
+
+func (c *Copier) batchArgs(r Range, size int) []any {
+	n := len(c.Mapping.SourceKey)
+	args := make([]any, 0, n+2)
+	from := r.Last
+	if from == nil {
+		from = r.Lower
+	}
+	for i := 0; i < n; i++ {
+		if from == nil {
+			args = append(args, nil)
+		} else {
+			args = append(args, from[i])
+		}
+	}
+	args = append(args, size)
+	if r.Upper != nil {
+		args = append(args, r.Upper[0])
+	}
+	return args
+}
+
+// isDataError reports errors about a row's values (classes 22 and 23), other
+// than the unique violations the copy's ON CONFLICT absorbs.
+func isDataError(err error) bool {
+	code := pgsql.Code(err)
+	return strings.HasPrefix(code, "22") || (strings.HasPrefix(code, "23") && code != pgsql.CodeUniqueViolation)
+}
+
+// explainBadRow finds the first row of a failed batch whose conversion fails,
+// so the operator sees its key next to PostgreSQL's error.
+func (c *Copier) explainBadRow(ctx context.Context, r Range, size int, batchErr error) error {
+	m := c.Mapping
+	tx, err := c.Pool.Begin(ctx)
+	if err != nil {
+		return fmt.Errorf("%w: %s", ErrBadRow, pgsql.Describe(batchErr))
+	}
+	defer tx.Rollback(ctx)
+	keyCols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList(""), "("), ")")
+	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT ARRAY[%s] FROM (%s) s`, textArray(m.SourceKey),
+		fmt.Sprintf("SELECT %s FROM ONLY %s AS b WHERE ($1::text IS NULL OR %s > (%s)) ORDER BY %s LIMIT $%d",
+			keyCols, m.Source.Quoted(), m.SourceKeyList("b"), placeholders(m.SourceKeyTypes), keyCols, len(m.SourceKey)+1)),
+		c.batchArgs(Range{Last: r.Last, Lower: r.Lower}, size)...)
+	if err != nil {
+		return fmt.Errorf("%w: %s", ErrBadRow, pgsql.Describe(batchErr))
+	}
+	keys, err := pgx.CollectRows(rows, pgx.RowTo[[]string])
+	if err != nil {
+		return fmt.Errorf("%w: %s", ErrBadRow, pgsql.Describe(batchErr))
+	}
+	one := fmt.Sprintf("%s %s", m.InsertSelect(fmt.Sprintf("(SELECT * FROM ONLY %s AS b WHERE %s = (%s))", m.Source.Quoted(), m.SourceKeyList("b"), placeholders(m.SourceKeyTypes))), m.OnConflictDoNothing())
+	for _, k := range keys {
+		args := make([]any, len(k))
+		for i := range k {
+			args[i] = k[i]
+		}
+		if _, err := tx.Exec(ctx, "SAVEPOINT probe"); err != nil {
+			break
+		}
+		if _, err := tx.Exec(ctx, one, args...); err != nil {
+			return fmt.Errorf("%w: row of %s with key (%s) = (%s): %s", ErrBadRow, m.Source, strings.Join(m.SourceKey, ", "), strings.Join(k, ", "), pgsql.Describe(err))
+		}
+		if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT probe"); err != nil {
+			break
+		}
+	}
+	return fmt.Errorf("%w: a row of %s after key %v: %s", ErrBadRow, m.Source, r.Last, pgsql.Describe(batchErr))
+}
+
+func textArray(cols []string) string {
+	parts := make([]string, len(cols))
+	for i, c := range cols {
+		parts[i] = pgsql.Ident(c) + "::text"
+	}
+	return strings.Join(parts, ", ")
+}
+
+func placeholders(types []string) string {
+	parts := make([]string, len(types))
+	for i, t := range types {
+		parts[i] = fmt.Sprintf("$%d::text::%s", i+1, t)
+	}
+	return strings.Join(parts, ", ")
+}
+
+// rateLimiter spaces batches so that rows per second stay under the cap.
+type rateLimiter struct {
+	rate *atomic.Int64
+	mu   stdsync.Mutex
+	next time.Time
+}
+
+func (l *rateLimiter) wait(ctx context.Context, rows int64) error {
+	if l.rate == nil {
+		return nil
+	}
+	rate := l.rate.Load()
+	if rate <= 0 {
+		return nil
+	}
+	l.mu.Lock()
+	now := time.Now()
+	if l.next.Before(now) {
+		l.next = now
+	}
+	at := l.next
+	l.next = l.next.Add(time.Duration(float64(rows) / float64(rate) * float64(time.Second)))
+	l.mu.Unlock()
+	return sleepUntil(ctx, at)
+}
+
+func sleepUntil(ctx context.Context, at time.Time) error {
+	d := time.Until(at)
+	if d <= 0 {
+		return ctx.Err()
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}

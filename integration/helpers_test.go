@@ -1,0 +1,88 @@
+package integration
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"testing"
+
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+	"github.com/shadowctl/shadowctl/integration/pgtest"
+	"github.com/shadowctl/shadowctl/internal/catalog"
+	"github.com/shadowctl/shadowctl/shadow"
+)
+
+// testDB is a fresh database with a pool and a runner on it.
+type testDB struct {
+	t      testing.TB
+	DSN    string
+	Pool   *pgxpool.Pool
+	Runner *shadow.Runner
+}
+
+func newTestDB(t testing.TB) *testDB {
+	t.Helper()
+	pool, dsn := pgtest.NewPool(t)
+	log := zerolog.New(zerolog.ConsoleWriter{Out: os.Stderr}).Level(zerolog.WarnLevel).With().Timestamp().Str("test", t.Name()).Logger()
+	if os.Getenv("SHADOWCTL_TEST_LOG") != "" {
+		log = log.Level(zerolog.DebugLevel)
+	}
+	return &testDB{t: t, DSN: dsn, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), log)}
+}
+
+// exec runs SQL statements, failing the test on error.
+func (db *testDB) exec(sqls ...string) {
+	db.t.Helper()
+	for _, s := range sqls {
+		if _, err := db.Pool.Exec(context.Background(), s); err != nil {
+			db.t.Fatalf("%s: %v", s, err)
+		}
+	}
+}
+
+// scalar runs a query returning one value.
+func scalar[T any](db *testDB, sql string, args ...any) T {
+	db.t.Helper()
+	var v T
+	if err := db.Pool.QueryRow(context.Background(), sql, args...).Scan(&v); err != nil {
+		db.t.Fatalf("%s: %v", sql, err)
+	}
+	return v
+}
+
+// createOrders makes customers and orders tables like the demo's, with n orders.
+func (db *testDB) createOrders(n int) {
+	db.t.Helper()
+	db.exec(
+		`CREATE TABLE customers (id int PRIMARY KEY, name text NOT NULL, email text)`,
+		`INSERT INTO customers SELECT g, 'customer ' || g, 'c' || g || '@example.com' FROM generate_series(1, 1000) g`,
+		`CREATE TABLE orders (
+			id serial PRIMARY KEY,
+			customer_id int REFERENCES customers,
+			customer_name text,
+			amount float8,
+			status text DEFAULT 'new',
+			created_at timestamptz DEFAULT now())`,
+		`CREATE INDEX orders_customer_id_idx ON orders (customer_id)`,
+		`CREATE INDEX orders_created_at_idx ON orders (created_at)`,
+		fmt.Sprintf(`INSERT INTO orders (customer_id, customer_name, amount, status)
+			SELECT 1 + g %% 1000, 'customer ' || (1 + g %% 1000), round((g * 7.31) %% 1000)::float8 / 3, 'new'
+			FROM generate_series(1, %d) g`, n),
+		`ANALYZE orders`,
+	)
+}
+
+// assertGreenMatches checks green row for row against the mapping of blue,
+// with an independent query (not the tool's verifier).
+func (db *testDB) assertGreenMatches(blueSQL, greenSQL string) {
+	db.t.Helper()
+	q := fmt.Sprintf(`SELECT (SELECT count(*) FROM ((%[1]s) EXCEPT ALL (%[2]s)) a), (SELECT count(*) FROM ((%[2]s) EXCEPT ALL (%[1]s)) b), (SELECT count(*) FROM (%[1]s) c)`, blueSQL, greenSQL)
+	var missing, extra, total int64
+	if err := db.Pool.QueryRow(context.Background(), q).Scan(&missing, &extra, &total); err != nil {
+		db.t.Fatalf("compare: %v", err)
+	}
+	if missing != 0 || extra != 0 {
+		db.t.Fatalf("green differs from blue: %d rows of blue missing in green, %d extra in green (of %d)", missing, extra, total)
+	}
+}

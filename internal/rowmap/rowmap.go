@@ -1,0 +1,150 @@
+// Package rowmap describes how a row of one table becomes a row of another —
+// target column = SQL expression over the source row — and renders the SQL
+// fragments that the copy, the sync triggers and the verifier share, so that
+// all three apply exactly the same mapping.
+package rowmap
+
+import (
+	"fmt"
+	"strings"
+
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+)
+
+// Column gives one target column's value as SQL over the source row.
+type Column struct {
+	Target     string `json:"target"`
+	TargetType string `json:"target_type"`
+	// Expr is SQL evaluated with the source row in scope under Mapping.Alias.
+	Expr string `json:"expr"`
+	// Source is the source column when Expr only reads that one column
+	// (possibly with a cast); "" for any other expression.
+	Source string `json:"source,omitempty"`
+}
+
+// Mapping turns rows of Source into rows of Target.
+type Mapping struct {
+	Source pgsql.QualifiedName `json:"source"`
+	Target pgsql.QualifiedName `json:"target"`
+	// Alias names the source row in expressions (the table's own name, so that
+	// operators can write either `amount` or `orders.amount`).
+	Alias   string   `json:"alias"`
+	Columns []Column `json:"columns"`
+	// SourceKey identifies a row on the source side; SourceKeyTypes are their types.
+	SourceKey      []string `json:"source_key"`
+	SourceKeyTypes []string `json:"source_key_types"`
+	// Match gives, for each column of the row identity on the target side, its
+	// value from the source row (the source key carried over).
+	Match []Column `json:"match"`
+	// ConflictKey is the target's unique key used for upserts.
+	ConflictKey []string `json:"conflict_key"`
+}
+
+// TargetColumnList is "(c1, c2, ...)" of the mapped target columns.
+func (m Mapping) TargetColumnList() string {
+	parts := make([]string, len(m.Columns))
+	for i, c := range m.Columns {
+		parts[i] = pgsql.Ident(c.Target)
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
+}
+
+// SelectList is the list of mapped expressions, in TargetColumnList's order.
+func (m Mapping) SelectList() string {
+	parts := make([]string, len(m.Columns))
+	for i, c := range m.Columns {
+		parts[i] = c.Expr
+	}
+	return strings.Join(parts, ", ")
+}
+
+// InsertSelect renders INSERT INTO target (...) SELECT <mapping> FROM <from> AS alias.
+func (m Mapping) InsertSelect(from string) string {
+	return fmt.Sprintf("INSERT INTO %s %s SELECT %s FROM %s AS %s",
+		m.Target.Quoted(), m.TargetColumnList(), m.SelectList(), from, pgsql.Ident(m.Alias))
+}
+
+// OnConflictDoNothing renders the copy's conflict clause: a row already in the
+// target (written by the sync) is newer and wins.
+func (m Mapping) OnConflictDoNothing() string {
+	return "ON CONFLICT " + identList(m.ConflictKey) + " DO NOTHING"
+}
+
+// OnConflictUpdate renders the sync's upsert clause: the source row wins.
+func (m Mapping) OnConflictUpdate() string {
+	var sets []string
+	for _, c := range m.Columns {
+		if contains(m.ConflictKey, c.Target) {
+			continue
+		}
+		sets = append(sets, fmt.Sprintf("%s = EXCLUDED.%s", pgsql.Ident(c.Target), pgsql.Ident(c.Target)))
+	}
+	if len(sets) == 0 {
+		return m.OnConflictDoNothing()
+	}
+	return "ON CONFLICT " + identList(m.ConflictKey) + " DO UPDATE SET " + strings.Join(sets, ", ")
+}
+
+// MatchCondition renders "t.k1 = (expr1) AND ..." finding the target row of a
+// source row whose fields are in scope under the mapping's alias.
+func (m Mapping) MatchCondition(targetAlias string) string {
+	parts := make([]string, len(m.Match))
+	for i, c := range m.Match {
+		parts[i] = fmt.Sprintf("%s.%s = (%s)", pgsql.Ident(targetAlias), pgsql.Ident(c.Target), c.Expr)
+	}
+	return strings.Join(parts, " AND ")
+}
+
+// MatchColumns are the target columns that carry the source key.
+func (m Mapping) MatchColumns() []string {
+	out := make([]string, len(m.Match))
+	for i, c := range m.Match {
+		out[i] = c.Target
+	}
+	return out
+}
+
+// SourceKeyList is "(k1, k2)" over the source key, qualified by alias when given.
+func (m Mapping) SourceKeyList(alias string) string { return qualifiedList(alias, m.SourceKey) }
+
+// RowDigestSource renders the text form of the mapped row, cast to the target
+// types, for checksums of the source side.
+func (m Mapping) RowDigestSource() string {
+	parts := make([]string, len(m.Columns))
+	for i, c := range m.Columns {
+		parts[i] = fmt.Sprintf("CAST((%s) AS %s)", c.Expr, c.TargetType)
+	}
+	return "ROW(" + strings.Join(parts, ", ") + ")::text"
+}
+
+// RowDigestTarget renders the text form of a target row's mapped columns.
+func (m Mapping) RowDigestTarget(alias string) string {
+	parts := make([]string, len(m.Columns))
+	for i, c := range m.Columns {
+		parts[i] = pgsql.Ident(alias) + "." + pgsql.Ident(c.Target)
+	}
+	return "ROW(" + strings.Join(parts, ", ") + ")::text"
+}
+
+func identList(cols []string) string { return qualifiedList("", cols) }
+
+func qualifiedList(alias string, cols []string) string {
+	parts := make([]string, len(cols))
+	for i, c := range cols {
+		if alias != "" {
+			parts[i] = pgsql.Ident(alias) + "." + pgsql.Ident(c)
+		} else {
+			parts[i] = pgsql.Ident(c)
+		}
+	}
+	return "(" + strings.Join(parts, ", ") + ")"
+}
+
+func contains(list []string, s string) bool {
+	for _, x := range list {
+		if x == s {
+			return true
+		}
+	}
+	return false
+}

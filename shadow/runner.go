@@ -1,0 +1,520 @@
+package shadow
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+	"github.com/shadowctl/shadowctl/backfill"
+	"github.com/shadowctl/shadowctl/cutover"
+	"github.com/shadowctl/shadowctl/internal/catalog"
+	"github.com/shadowctl/shadowctl/internal/pgmeta"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/sync"
+)
+
+// ErrStopped means the migration was moved by someone else (abort, pause)
+// while this process drove it.
+var ErrStopped = errors.New("the migration was stopped")
+
+// Failpoints let tests interrupt the runner at exact places. Nil ones are off.
+type Failpoints struct {
+	// CopyBatch runs inside each copy batch's transaction before its commit.
+	CopyBatch func(ctx context.Context, r backfill.Range) error
+	// AfterPhase runs after a phase change has been committed.
+	AfterPhase func(ctx context.Context, to Phase) error
+}
+
+// Runner drives migrations through their phases. The same runner serves
+// `start` in the foreground and the daemon.
+type Runner struct {
+	Pool       *pgxpool.Pool
+	ConnConfig *pgx.ConnConfig // for the dedicated claim connection
+	Store      *Store
+	Log        zerolog.Logger
+	Failpoints Failpoints
+	// Progress, when set, is told about copy progress (rows read so far).
+	Progress func(id string, rows int64)
+	// SyncSetupTimeout bounds how long installing or removing the sync may
+	// keep retrying its short lock.
+	SyncSetupTimeout time.Duration
+}
+
+// NewRunner returns a runner over the catalog cat.
+func NewRunner(pool *pgxpool.Pool, cat catalog.Catalog, log zerolog.Logger) *Runner {
+	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log}
+}
+
+// Submit checks a request against the database (nothing is created if it is
+// refused) and records the migration in phase pending.
+func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
+	if err := req.Normalize(); err != nil {
+		return nil, err
+	}
+	if _, err := parseAlter(req.Alter); err != nil && strings.TrimSpace(req.Alter) != "" {
+		return nil, err
+	}
+	if _, _, err := r.Store.Cat.Init(ctx, r.Pool); err != nil {
+		return nil, err
+	}
+	name, err := splitTableName(ctx, r.Pool, req.Table)
+	if err != nil {
+		return nil, err
+	}
+	req.Table = name.Schema + "." + name.Name
+	blue, err := loadBlue(ctx, r.Pool, name)
+	if err != nil {
+		return nil, err
+	}
+	if req.MaxExtraStorage > 0 && blue.TotalBytes > req.MaxExtraStorage {
+		return nil, fmt.Errorf("%s: %w: green needs about %s (the table and its indexes), over --max-extra-storage %s",
+			name, ErrStorageBudget, HumanBytes(blue.TotalBytes), HumanBytes(req.MaxExtraStorage))
+	}
+	if id, err := r.Store.ActiveOn(ctx, name); err != nil {
+		return nil, err
+	} else if id != "" {
+		return nil, fmt.Errorf("table %s: %w: %s (abort or finish it first)", name, ErrTableBusy, id)
+	}
+	if req.ID == "" {
+		req.ID = newID(name.Name)
+	}
+	// Preflight: build green for real in a transaction that is rolled back.
+	if err := r.dryRun(ctx, req, blue); err != nil {
+		return nil, err
+	}
+	m := &Migration{ID: req.ID, Table: name, GreenSchema: req.GreenSchema, Sync: req.Sync, Request: req, RowsEstimated: blue.RowEstimate}
+	if err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error { return r.Store.Create(ctx, tx, m) }); err != nil {
+		return nil, err
+	}
+	r.Log.Info().Str("migration", m.ID).Str("table", name.String()).Int64("rows_estimated", blue.RowEstimate).Msg("migration submitted")
+	return r.Store.Get(ctx, r.Pool, m.ID)
+}
+
+// dryRun builds green, the sync functions and the mappings in a transaction
+// that is always rolled back: everything PostgreSQL would refuse is found
+// before anything exists. It takes no lock on blue beyond ACCESS SHARE.
+func (r *Runner) dryRun(ctx context.Context, req Request, blue *pgmeta.Table) error {
+	tx, err := r.Pool.Begin(ctx)
+	if err != nil {
+		return err
+	}
+	defer tx.Rollback(ctx)
+	if err := pgsql.SetLocalLockTimeout(ctx, tx, max(req.LockTimeout, time.Second)); err != nil {
+		return err
+	}
+	plan, _, err := buildGreen(ctx, tx, req, blue, namesFor(req.ID, blue.Name))
+	if err != nil {
+		return err
+	}
+	m := &Migration{ID: req.ID, Table: blue.QName(), Request: req, State: State{Plan: plan}}
+	for _, t := range []sync.Trigger{r.forwardSync(m), r.reverseSync(m)} {
+		// Only the functions: creating the triggers would lock blue.
+		if _, err := tx.Exec(ctx, t.CreateSQL()[0]); err != nil {
+			return fmt.Errorf("%w: the sync function does not compile: %s", ErrBadMapping, pgsql.Describe(err))
+		}
+	}
+	return nil
+}
+
+func newID(table string) string {
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	base := strings.ToLower(table)
+	base = strings.Map(func(r rune) rune {
+		if (r >= 'a' && r <= 'z') || (r >= '0' && r <= '9') || r == '_' || r == '-' {
+			return r
+		}
+		return '_'
+	}, base)
+	return truncate(base, 24) + "-" + time.Now().UTC().Format("20060102-150405") + "-" + hex.EncodeToString(b)
+}
+
+// HumanBytes renders a byte count for people.
+func HumanBytes(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for x := n / unit; x >= unit; x /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
+
+// chain is the order of the phases a runner drives on its own.
+var chain = []Phase{Pending, Preparing, Copying, Verifying, Ready}
+
+func chainIndex(p Phase) int {
+	for i, c := range chain {
+		if c == p {
+			return i
+		}
+	}
+	return -1
+}
+
+// Drive runs the migration's phases until it reaches until (ready at most),
+// fails, or ctx ends. It claims the migration first, so only one process
+// drives it; a killed driver's claim ends with its connection and a new one
+// continues from the last checkpoint.
+func (r *Runner) Drive(ctx context.Context, id string, until Phase) (*Migration, error) {
+	if chainIndex(until) < 0 {
+		return nil, fmt.Errorf("%w: --until must be one of %v", ErrBadRequest, chain)
+	}
+	claim, err := r.claim(ctx, id, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer claim.release()
+	ctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	go func() {
+		select {
+		case <-claim.lost:
+			cancel(fmt.Errorf("migration %s: %w", id, ErrClaimLost))
+		case <-ctx.Done():
+		}
+	}()
+	for {
+		m, err := r.Store.Get(ctx, r.Pool, id)
+		if err != nil {
+			return nil, err
+		}
+		idx := chainIndex(m.Phase)
+		if idx < 0 || idx >= chainIndex(until) {
+			if m.Phase == Failed {
+				return m, fmt.Errorf("migration %s failed: %s", id, m.Error)
+			}
+			return m, nil
+		}
+		if m.Paused {
+			return m, nil
+		}
+		var stepErr error
+		switch m.Phase {
+		case Pending, Preparing:
+			stepErr = r.prepare(ctx, m)
+		case Copying:
+			stepErr = r.copy(ctx, m)
+		case Verifying:
+			stepErr = r.verify(ctx, m)
+		}
+		if stepErr != nil {
+			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
+				return m, cause
+			}
+			return m, r.fail(context.WithoutCancel(ctx), m, stepErr)
+		}
+	}
+}
+
+// fail records a phase's error. A request that cannot work as given (a row
+// that cannot be converted, a refused ALTER) is aborted at once, so the
+// database is as it was; anything else stays failed for the operator.
+func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
+	if errors.Is(stepErr, ErrStopped) {
+		return stepErr
+	}
+	msg := fmt.Sprintf("%s: %v", m.Phase, stepErr)
+	if code := pgsql.Code(stepErr); code != "" && !strings.Contains(msg, code) {
+		msg += " (SQLSTATE " + code + ")"
+	}
+	r.Log.Error().Str("migration", m.ID).Str("phase", string(m.Phase)).Err(stepErr).Msg("migration failed")
+	if errors.Is(stepErr, backfill.ErrBadRow) || isBadRequest(stepErr) {
+		if err := r.abort(ctx, m.ID, msg, nil); err != nil {
+			return fmt.Errorf("%s; and the cleanup failed: %v (run `shadowctl abort %s`)", msg, err, m.ID)
+		}
+		return fmt.Errorf("migration %s: %s; everything it created was removed", m.ID, msg)
+	}
+	if err := r.Store.SetPhase(ctx, r.Pool, m.ID, []Phase{m.Phase}, Failed, msg); err != nil {
+		r.Log.Error().Err(err).Msg("could not record the failure")
+	}
+	return fmt.Errorf("migration %s: %s", m.ID, msg)
+}
+
+func (r *Runner) afterPhase(ctx context.Context, to Phase) error {
+	if r.Failpoints.AfterPhase != nil {
+		return r.Failpoints.AfterPhase(ctx, to)
+	}
+	return nil
+}
+
+// prepare builds green and installs the sync. Each step is one transaction,
+// so a crash leaves either nothing or a finished step to continue from.
+func (r *Runner) prepare(ctx context.Context, m *Migration) error {
+	if m.State.Plan == nil {
+		err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+			if err := r.Store.SetPhase(ctx, tx, m.ID, []Phase{Pending, Preparing}, Preparing, ""); err != nil {
+				return err
+			}
+			blue, err := loadBlue(ctx, tx, m.Table)
+			if err != nil {
+				return err
+			}
+			plan, createdSchema, err := buildGreen(ctx, tx, m.Request, blue, namesFor(m.ID, m.Table.Name))
+			if err != nil {
+				return err
+			}
+			m.State.Plan, m.State.CreatedGreenSchema, m.State.Serving = plan, createdSchema, "blue"
+			return r.Store.SaveState(ctx, tx, m.ID, m.State)
+		})
+		if err != nil {
+			return err
+		}
+		r.Log.Info().Str("migration", m.ID).Str("green", m.State.Plan.Forward.Target.String()).Msg("green built")
+		if err := r.afterPhase(ctx, Preparing); err != nil {
+			return err
+		}
+	}
+	trig := r.forwardSync(m)
+	return r.withShortLock(ctx, m, "install the sync triggers on "+m.Table.String(), func(tx pgx.Tx) error {
+		if err := sync.Exec(ctx, tx, trig.CreateSQL()); err != nil {
+			return err
+		}
+		// Blue is locked against writes until this commits, so the key
+		// ranges cover every row that the triggers did not see.
+		c := r.copier(m)
+		ranges, err := c.SplitRanges(ctx, tx, max(m.Request.Workers*4, 1))
+		if err != nil {
+			return err
+		}
+		if err := r.Store.InitRanges(ctx, tx, m.ID, ranges); err != nil {
+			return err
+		}
+		return r.Store.SetPhase(ctx, tx, m.ID, []Phase{Preparing}, Copying, "")
+	})
+}
+
+// forwardSync is the blue→green trigger sync of a migration.
+func (r *Runner) forwardSync(m *Migration) sync.Trigger {
+	p := m.State.Plan
+	cat := r.Store.Cat.Schema
+	return sync.Trigger{
+		Mapping:      p.Forward,
+		Func:         pgsql.QualifiedName{Schema: cat, Name: p.Names.ForwardFunc},
+		Name:         p.Names.ForwardTrig,
+		TruncateFunc: pgsql.QualifiedName{Schema: cat, Name: p.Names.TruncateFunc},
+		TruncateName: p.Names.TruncateTrig,
+		OnTruncate: fmt.Sprintf(`UPDATE %s SET phase = 'failed', error = %s, updated_at = now(), phase_changed_at = now() WHERE id = %s AND phase NOT IN ('aborted', 'finalized');
+INSERT INTO %s (migration_id, kind, message) VALUES (%s, 'phase', 'failed: TRUNCATE on blue');
+PERFORM pg_notify(%s, %s)`,
+			r.Store.Cat.T("migrations"),
+			pgsql.Literal(fmt.Sprintf("TRUNCATE on blue %s: green no longer matches; abort this migration and start again", m.Table)),
+			pgsql.Literal(m.ID), r.Store.Cat.T("events"), pgsql.Literal(m.ID), pgsql.Literal(NotifyChannel), pgsql.Literal(m.ID)),
+		SearchPath: p.SearchPath,
+	}
+}
+
+// reverseSync is the green→blue trigger sync used while green serves.
+func (r *Runner) reverseSync(m *Migration) sync.Trigger {
+	p := m.State.Plan
+	return sync.Trigger{
+		Mapping:    p.Reverse,
+		Func:       pgsql.QualifiedName{Schema: r.Store.Cat.Schema, Name: p.Names.ReverseFunc},
+		Name:       p.Names.ReverseTrig,
+		SearchPath: p.SearchPath,
+	}
+}
+
+func (r *Runner) copier(m *Migration) *backfill.Copier {
+	c := &backfill.Copier{
+		Pool:        r.Pool,
+		Mapping:     m.State.Plan.Forward,
+		Workers:     m.Request.Workers,
+		BatchSize:   m.Request.BatchSize,
+		LockTimeout: max(m.Request.LockTimeout, time.Second),
+		Log:         r.Log.With().Str("migration", m.ID).Logger(),
+		Failpoint:   r.Failpoints.CopyBatch,
+	}
+	c.MaxRowsPerSecond.Store(int64(m.Request.MaxRowsPerSecond))
+	c.Gate = func(ctx context.Context) error {
+		cur, err := r.Store.Get(ctx, r.Pool, m.ID)
+		if err != nil {
+			return err
+		}
+		if cur.Phase != Copying || cur.Paused {
+			return fmt.Errorf("migration %s is now %s (paused=%v): %w", m.ID, cur.Phase, cur.Paused, ErrStopped)
+		}
+		return nil
+	}
+	if r.Progress != nil {
+		c.Progress = func(n int64) { r.Progress(m.ID, n) }
+	}
+	return c
+}
+
+// copy runs the bulk copy from its checkpoints, then builds green's deferred
+// indexes and constraints.
+func (r *Runner) copy(ctx context.Context, m *Migration) error {
+	ranges, err := r.Store.Ranges(ctx, m.ID)
+	if err != nil {
+		return err
+	}
+	start := time.Now()
+	c := r.copier(m)
+	if err := c.Run(ctx, ranges, rangeCheckpointer{s: r.Store, id: m.ID}); err != nil {
+		return err
+	}
+	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("bulk copy done")
+	if !m.State.IndexesBuilt {
+		if err := r.buildDeferred(ctx, m); err != nil {
+			return err
+		}
+		m.State.IndexesBuilt = true
+	}
+	return pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		if err := r.Store.SaveState(ctx, tx, m.ID, m.State); err != nil {
+			return err
+		}
+		return r.Store.SetPhase(ctx, tx, m.ID, []Phase{Copying}, Verifying, "")
+	})
+}
+
+// buildDeferred creates green's secondary indexes CONCURRENTLY (a plain
+// CREATE INDEX would block the sync, and through it the application), then
+// the constraints they back, then the foreign keys NOT VALID and validated.
+func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
+	p := m.State.Plan
+	green := p.Forward.Target
+	conn, err := r.Pool.Acquire(ctx)
+	if err != nil {
+		return err
+	}
+	defer conn.Release()
+	for _, ix := range p.DeferredIndexes {
+		start := time.Now()
+		// A concurrent build killed halfway leaves an INVALID index: drop it.
+		var valid *bool
+		if err := conn.QueryRow(ctx, `SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)`,
+			pgsql.QualifiedName{Schema: green.Schema, Name: ix.Name}.Quoted()).Scan(&valid); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+			return err
+		}
+		if valid != nil && !*valid {
+			if _, err := conn.Exec(ctx, "DROP INDEX CONCURRENTLY IF EXISTS "+pgsql.QualifiedName{Schema: green.Schema, Name: ix.Name}.Quoted()); err != nil {
+				return fmt.Errorf("drop invalid index %s: %w", ix.Name, err)
+			}
+		}
+		stmt, err := rewriteIndexDef(ix.Def, p.Green, green, ix.Name, true)
+		if err != nil {
+			return err
+		}
+		if _, err := conn.Exec(ctx, stmt); err != nil {
+			return fmt.Errorf("build index %s on green: %w", ix.Name, err)
+		}
+		if ix.Constraint != "" {
+			kind := map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[ix.ConType]
+			err := r.withShortLock(ctx, m, "attach constraint "+ix.Constraint, func(tx pgx.Tx) error {
+				var has bool
+				if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), ix.Constraint).Scan(&has); err != nil || has {
+					return err
+				}
+				_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s USING INDEX %s", green.Quoted(), pgsql.Ident(ix.Constraint), kind, pgsql.Ident(ix.Name)))
+				return err
+			})
+			if err != nil {
+				return err
+			}
+		}
+		r.Log.Info().Str("migration", m.ID).Str("index", ix.Name).Dur("took", time.Since(start)).Msg("green index built")
+	}
+	for _, c := range p.DeferredConstraints {
+		err := r.withShortLock(ctx, m, "add foreign key "+c.Name, func(tx pgx.Tx) error {
+			var has bool
+			if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), c.Name).Scan(&has); err != nil || has {
+				return err
+			}
+			_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s NOT VALID", green.Quoted(), pgsql.Ident(c.Name), c.Def))
+			return err
+		})
+		if err != nil {
+			return err
+		}
+		// VALIDATE takes SHARE UPDATE EXCLUSIVE: writes go on meanwhile.
+		if _, err := conn.Exec(ctx, fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", green.Quoted(), pgsql.Ident(c.Name))); err != nil {
+			return fmt.Errorf("validate foreign key %s on green: %w", c.Name, err)
+		}
+	}
+	return nil
+}
+
+// verify compares green with the mapping of blue, repairing chunks that
+// differ; a difference that persists fails the migration.
+func (r *Runner) verify(ctx context.Context, m *Migration) error {
+	v := r.verifier(m)
+	res, err := v.Run(ctx)
+	if serr := r.Store.SaveVerify(ctx, r.Pool, m.ID, res); serr != nil && err == nil {
+		err = serr
+	}
+	if err != nil {
+		return err
+	}
+	r.Log.Info().Str("migration", m.ID).Int64("rows", res.Rows).Int("chunks", res.Chunks).Int("repaired", res.Repaired).
+		Float64("seconds", res.Seconds).Msg("verified")
+	if err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		return r.Store.SetPhase(ctx, tx, m.ID, []Phase{Verifying}, Ready, "")
+	}); err != nil {
+		return err
+	}
+	return r.afterPhase(ctx, Ready)
+}
+
+func (r *Runner) verifier(m *Migration) *cutover.Verifier {
+	p := m.State.Plan
+	// Chunk along blue's key only when green can be searched by it in the
+	// same order: same key columns indexed, integer or identical types.
+	chunked := p.Green.LeadingIndexOn(p.Forward.MatchColumns())
+	for i, c := range p.Forward.Match {
+		bt := p.Forward.SourceKeyTypes[i]
+		if c.TargetType != bt && !(isInt(bt) && isInt(c.TargetType)) {
+			chunked = false
+		}
+	}
+	return &cutover.Verifier{
+		Pool: r.Pool, Mapping: p.Forward, Workers: max(m.Request.Workers, 1), Repair: true, Chunked: chunked,
+		LockTimeout: m.Request.LockTimeout, Log: r.Log.With().Str("migration", m.ID).Logger(),
+	}
+}
+
+func isInt(t string) bool { return t == "integer" || t == "bigint" || t == "smallint" }
+
+// withShortLock runs fn in a transaction under the migration's lock_timeout,
+// retrying with backoff and jitter while the lock is not granted, up to
+// SyncSetupTimeout. It never queues behind the application for longer than
+// the lock timeout at a time.
+func (r *Runner) withShortLock(ctx context.Context, m *Migration, what string, fn func(tx pgx.Tx) error) error {
+	limit := r.SyncSetupTimeout
+	if limit <= 0 {
+		limit = 5 * time.Minute
+	}
+	deadline := time.Now().Add(limit)
+	for attempt := 0; ; attempt++ {
+		err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+			if err := pgsql.SetLocalLockTimeout(ctx, tx, m.Request.LockTimeout); err != nil {
+				return err
+			}
+			return fn(tx)
+		})
+		if err == nil || !pgsql.IsRetryable(err) {
+			if err != nil {
+				return fmt.Errorf("%s: %w", what, err)
+			}
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%s: the lock was not granted within %s of retries (long transactions on the table? see pg_stat_activity): %w", what, limit, err)
+		}
+		r.Log.Debug().Str("migration", m.ID).Int("attempt", attempt+1).Msg(what + ": lock busy, retrying")
+		if err := backfill.Backoff(ctx, attempt, 50*time.Millisecond, 2*time.Second); err != nil {
+			return err
+		}
+	}
+}

@@ -1,0 +1,64 @@
+package shadow
+
+import (
+	"encoding/json"
+	"time"
+)
+
+// Status is the documented, stable JSON shape of `shadowctl status --json`
+// (docs/status.md). Add fields; never rename or remove one.
+type Status struct {
+	ID            string          `json:"id"`
+	Table         string          `json:"table"`
+	GreenTable    string          `json:"green_table,omitempty"`
+	Sync          string          `json:"sync"`
+	Phase         string          `json:"phase"`
+	Paused        bool            `json:"paused"`
+	Serving       string          `json:"serving"`
+	RowsCopied    int64           `json:"rows_copied"`
+	RowsEstimated int64           `json:"rows_estimated"`
+	ProgressPct   float64         `json:"progress_pct"`
+	RowsPerSecond float64         `json:"rows_per_second"`
+	ETASeconds    *float64        `json:"eta_seconds"`
+	Verify        json.RawMessage `json:"verify"`
+	LastCutover   *SwapRecord     `json:"last_cutover"`
+	Error         string          `json:"error"`
+	CreatedAt     time.Time       `json:"created_at"`
+	PhaseSince    time.Time       `json:"phase_since"`
+	CutOverAt     *time.Time      `json:"cut_over_at"`
+	Alter         string          `json:"alter"`
+}
+
+// StatusOf summarises a migration for people and programs.
+func StatusOf(m *Migration, now time.Time) Status {
+	s := Status{
+		ID: m.ID, Table: m.Table.String(), Sync: string(m.Sync), Phase: string(m.Phase), Paused: m.Paused,
+		Serving: m.State.Serving, RowsCopied: m.RowsCopied, RowsEstimated: m.RowsEstimated,
+		Verify: m.Verify, LastCutover: m.State.LastCutover, Error: m.Error, CreatedAt: m.CreatedAt,
+		PhaseSince: m.PhaseChangedAt, CutOverAt: m.CutOverAt, Alter: m.Request.Alter,
+	}
+	if s.Serving == "" {
+		s.Serving = "blue"
+	}
+	if m.State.Plan != nil {
+		s.GreenTable = m.State.Plan.Forward.Target.String()
+	}
+	if len(s.Verify) == 0 {
+		s.Verify = json.RawMessage("null")
+	}
+	if m.RowsEstimated > 0 {
+		s.ProgressPct = min(100, float64(m.RowsCopied)*100/float64(m.RowsEstimated))
+	}
+	if m.Phase == Copying {
+		if el := now.Sub(m.PhaseChangedAt).Seconds(); el > 0 {
+			s.RowsPerSecond = float64(m.RowsCopied) / el
+			if s.RowsPerSecond > 0 && m.RowsEstimated > m.RowsCopied {
+				eta := float64(m.RowsEstimated-m.RowsCopied) / s.RowsPerSecond
+				s.ETASeconds = &eta
+			}
+		}
+	} else if chainIndex(m.Phase) > chainIndex(Copying) || !m.Phase.BeforeCutover() {
+		s.ProgressPct = 100
+	}
+	return s
+}

@@ -1,0 +1,305 @@
+package shadow
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/shadowctl/shadowctl/backfill"
+	"github.com/shadowctl/shadowctl/internal/catalog"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+)
+
+// Store errors.
+var (
+	ErrNotFound   = errors.New("no such migration")
+	ErrTableBusy  = errors.New("another migration is active on this table")
+	ErrWrongPhase = errors.New("the migration is not in a phase that allows this")
+	ErrIDTaken    = errors.New("a migration with this id exists")
+)
+
+// NotifyChannel is where phase changes are announced (payload: migration id).
+const NotifyChannel = "shadowctl"
+
+// Migration is one row of the catalog's migrations table.
+type Migration struct {
+	ID             string
+	Table          pgsql.QualifiedName
+	GreenSchema    string
+	Sync           SyncMode
+	Request        Request
+	Phase          Phase
+	Paused         bool
+	Error          string
+	State          State
+	RowsEstimated  int64
+	RowsCopied     int64
+	Verify         json.RawMessage
+	CreatedAt      time.Time
+	UpdatedAt      time.Time
+	PhaseChangedAt time.Time
+	CutOverAt      *time.Time
+	RequestedBy    string
+}
+
+// State is the migration's persisted working state.
+type State struct {
+	Plan *Plan `json:"plan,omitempty"`
+	// CreatedGreenSchema is true when the migration created the green schema
+	// (and so removes it when it is empty at the end).
+	CreatedGreenSchema bool `json:"created_green_schema,omitempty"`
+	// IndexesBuilt is true once green's deferred indexes and constraints exist.
+	IndexesBuilt bool `json:"indexes_built,omitempty"`
+	// LastCutover describes the last swap attempt that succeeded.
+	LastCutover *SwapRecord `json:"last_cutover,omitempty"`
+	// Serving says which side serves the application: "blue" or "green".
+	Serving string `json:"serving,omitempty"`
+}
+
+// SwapRecord is one successful swap (cutover or rollback).
+type SwapRecord struct {
+	Kind       string    `json:"kind"`
+	At         time.Time `json:"at"`
+	Attempts   int       `json:"attempts"`
+	LockWaitMS float64   `json:"lock_wait_ms"`
+	LockHoldMS float64   `json:"lock_hold_ms"`
+}
+
+// Store reads and writes migrations in the catalog.
+type Store struct {
+	Pool *pgxpool.Pool
+	Cat  catalog.Catalog
+}
+
+const migrationCols = `id, table_schema, table_name, green_schema, sync_mode, spec, phase, paused, coalesce(error, ''),
+	state, rows_estimated, (SELECT coalesce(sum(rows_copied), 0) FROM %s r WHERE r.migration_id = m.id), verify,
+	created_at, updated_at, phase_changed_at, cut_over_at, requested_by`
+
+func (s *Store) scan(row pgx.Row) (*Migration, error) {
+	m := &Migration{}
+	var spec, state []byte
+	var phase, sync string
+	err := row.Scan(&m.ID, &m.Table.Schema, &m.Table.Name, &m.GreenSchema, &sync, &spec, &phase, &m.Paused, &m.Error,
+		&state, &m.RowsEstimated, &m.RowsCopied, &m.Verify, &m.CreatedAt, &m.UpdatedAt, &m.PhaseChangedAt, &m.CutOverAt, &m.RequestedBy)
+	if err != nil {
+		return nil, err
+	}
+	m.Phase, m.Sync = Phase(phase), SyncMode(sync)
+	if err := json.Unmarshal(spec, &m.Request); err != nil {
+		return nil, fmt.Errorf("migration %s: bad spec in catalog: %w", m.ID, err)
+	}
+	if err := json.Unmarshal(state, &m.State); err != nil {
+		return nil, fmt.Errorf("migration %s: bad state in catalog: %w", m.ID, err)
+	}
+	return m, nil
+}
+
+// Get reads one migration.
+func (s *Store) Get(ctx context.Context, q pgsql.Querier, id string) (*Migration, error) {
+	m, err := s.scan(q.QueryRow(ctx, fmt.Sprintf(`SELECT `+migrationCols+` FROM %s m WHERE id = $1`, s.Cat.T("copy_ranges"), s.Cat.T("migrations")), id))
+	if errors.Is(err, pgx.ErrNoRows) {
+		return nil, fmt.Errorf("migration %q: %w (see `shadowctl list`)", id, ErrNotFound)
+	}
+	if err != nil {
+		return nil, fmt.Errorf("read migration %q: %w", id, err)
+	}
+	return m, nil
+}
+
+// List reads all migrations, newest first.
+func (s *Store) List(ctx context.Context) ([]*Migration, error) {
+	rows, err := s.Pool.Query(ctx, fmt.Sprintf(`SELECT `+migrationCols+` FROM %s m ORDER BY created_at DESC, id`, s.Cat.T("copy_ranges"), s.Cat.T("migrations")))
+	if err != nil {
+		return nil, fmt.Errorf("list migrations: %w", err)
+	}
+	defer rows.Close()
+	var out []*Migration
+	for rows.Next() {
+		m, err := s.scan(rows)
+		if err != nil {
+			return nil, err
+		}
+		out = append(out, m)
+	}
+	return out, rows.Err()
+}
+
+// Create records a new migration in phase pending.
+func (s *Store) Create(ctx context.Context, q pgsql.Querier, m *Migration) error {
+	spec, err := json.Marshal(m.Request)
+	if err != nil {
+		return err
+	}
+	state, err := json.Marshal(m.State)
+	if err != nil {
+		return err
+	}
+	_, err = q.Exec(ctx, `INSERT INTO `+s.Cat.T("migrations")+` (id, table_schema, table_name, green_schema, sync_mode, spec, phase, state, rows_estimated)
+		VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)`,
+		m.ID, m.Table.Schema, m.Table.Name, m.GreenSchema, string(m.Sync), spec, string(Pending), state, m.RowsEstimated)
+	if pgsql.Code(err) == pgsql.CodeUniqueViolation {
+		if existing, gerr := s.activeOn(ctx, q, m.Table); gerr == nil && existing != "" && existing != m.ID {
+			return fmt.Errorf("table %s: %w: %s (abort or finish it first)", m.Table, ErrTableBusy, existing)
+		}
+		return fmt.Errorf("migration %q: %w (choose another --name)", m.ID, ErrIDTaken)
+	}
+	if err != nil {
+		return fmt.Errorf("record migration %s: %w", m.ID, err)
+	}
+	return s.Event(ctx, q, m.ID, "submitted", fmt.Sprintf("migration of %s submitted: %s", m.Table, m.Request.Alter), m.Request)
+}
+
+func (s *Store) activeOn(ctx context.Context, q pgsql.Querier, t pgsql.QualifiedName) (string, error) {
+	var id string
+	err := q.QueryRow(ctx, `SELECT id FROM `+s.Cat.T("migrations")+` WHERE table_schema = $1 AND table_name = $2 AND phase NOT IN ('aborted', 'finalized')`, t.Schema, t.Name).Scan(&id)
+	if errors.Is(err, pgx.ErrNoRows) {
+		return "", nil
+	}
+	return id, err
+}
+
+// ActiveOn returns the id of the active migration of a table, or "".
+func (s *Store) ActiveOn(ctx context.Context, t pgsql.QualifiedName) (string, error) {
+	return s.activeOn(ctx, s.Pool, t)
+}
+
+// SetPhase moves a migration from one of the phases in from to phase to,
+// records the event and announces it. It fails with ErrWrongPhase when the
+// migration is elsewhere (someone else moved it).
+func (s *Store) SetPhase(ctx context.Context, q pgsql.Querier, id string, from []Phase, to Phase, errMsg string) error {
+	fromS := make([]string, len(from))
+	for i, p := range from {
+		fromS[i] = string(p)
+	}
+	var prev string
+	err := q.QueryRow(ctx, `UPDATE `+s.Cat.T("migrations")+` m SET phase = $2, error = nullif($3, ''), updated_at = now(), phase_changed_at = now(),
+			cut_over_at = CASE WHEN $2 = 'cut_over' THEN now() ELSE cut_over_at END
+		WHERE id = $1 AND phase = ANY($4)
+		RETURNING (SELECT phase FROM `+s.Cat.T("migrations")+` WHERE id = $1)`, id, string(to), errMsg, fromS).Scan(&prev)
+	if errors.Is(err, pgx.ErrNoRows) {
+		cur, gerr := s.Get(ctx, q, id)
+		if gerr != nil {
+			return gerr
+		}
+		return fmt.Errorf("migration %s is %s, not %v: %w", id, cur.Phase, from, ErrWrongPhase)
+	}
+	if err != nil {
+		return fmt.Errorf("migration %s: set phase %s: %w", id, to, err)
+	}
+	msg := fmt.Sprintf("%s → %s", prev, to)
+	if errMsg != "" {
+		msg += ": " + errMsg
+	}
+	if err := s.Event(ctx, q, id, "phase", msg, map[string]string{"from": prev, "to": string(to)}); err != nil {
+		return err
+	}
+	_, err = q.Exec(ctx, `SELECT pg_notify($1, $2)`, NotifyChannel, id)
+	return err
+}
+
+// SaveState writes the migration's working state.
+func (s *Store) SaveState(ctx context.Context, q pgsql.Querier, id string, st State) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	_, err = q.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET state = $2, updated_at = now() WHERE id = $1`, id, b)
+	if err != nil {
+		return fmt.Errorf("migration %s: save state: %w", id, err)
+	}
+	return nil
+}
+
+// SaveVerify records a verification result.
+func (s *Store) SaveVerify(ctx context.Context, q pgsql.Querier, id string, v any) error {
+	b, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	_, err = q.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET verify = $2, updated_at = now() WHERE id = $1`, id, b)
+	return err
+}
+
+// SetError records the last error without changing the phase.
+func (s *Store) SetError(ctx context.Context, id, msg string) error {
+	_, err := s.Pool.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET error = nullif($2, ''), updated_at = now() WHERE id = $1`, id, msg)
+	return err
+}
+
+// Event appends to the audit log.
+func (s *Store) Event(ctx context.Context, q pgsql.Querier, id, kind, msg string, data any) error {
+	var b []byte
+	if data != nil {
+		var err error
+		if b, err = json.Marshal(data); err != nil {
+			return err
+		}
+	}
+	if _, err := q.Exec(ctx, `INSERT INTO `+s.Cat.T("events")+` (migration_id, kind, message, data) VALUES ($1, $2, $3, $4)`, id, kind, msg, b); err != nil {
+		return fmt.Errorf("migration %s: record event: %w", id, err)
+	}
+	return nil
+}
+
+// EventRecord is one audit-log entry.
+type EventRecord struct {
+	ID      int64           `json:"id"`
+	At      time.Time       `json:"at"`
+	Actor   string          `json:"actor"`
+	Kind    string          `json:"kind"`
+	Message string          `json:"message"`
+	Data    json.RawMessage `json:"data,omitempty"`
+}
+
+// Events reads a migration's audit log in order.
+func (s *Store) Events(ctx context.Context, id string) ([]EventRecord, error) {
+	rows, err := s.Pool.Query(ctx, `SELECT id, at, actor, kind, message, data FROM `+s.Cat.T("events")+` WHERE migration_id = $1 ORDER BY id`, id)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (EventRecord, error) {
+		var e EventRecord
+		err := r.Scan(&e.ID, &e.At, &e.Actor, &e.Kind, &e.Message, &e.Data)
+		return e, err
+	})
+}
+
+// InitRanges records the copy's key ranges (once; a resumed copy keeps them).
+func (s *Store) InitRanges(ctx context.Context, q pgsql.Querier, id string, ranges []backfill.Range) error {
+	for _, r := range ranges {
+		if _, err := q.Exec(ctx, `INSERT INTO `+s.Cat.T("copy_ranges")+` (migration_id, range_no, lower_key, upper_key)
+			VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING`, id, r.No, r.Lower, r.Upper); err != nil {
+			return fmt.Errorf("migration %s: record copy ranges: %w", id, err)
+		}
+	}
+	return nil
+}
+
+// Ranges reads the copy's ranges with their checkpoints.
+func (s *Store) Ranges(ctx context.Context, id string) ([]backfill.Range, error) {
+	rows, err := s.Pool.Query(ctx, `SELECT range_no, lower_key, upper_key, last_key, done, rows_copied FROM `+s.Cat.T("copy_ranges")+` WHERE migration_id = $1 ORDER BY range_no`, id)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (backfill.Range, error) {
+		var x backfill.Range
+		err := r.Scan(&x.No, &x.Lower, &x.Upper, &x.Last, &x.Done, &x.Rows)
+		return x, err
+	})
+}
+
+// rangeCheckpointer saves copy progress in the batch's transaction.
+type rangeCheckpointer struct {
+	s  *Store
+	id string
+}
+
+func (c rangeCheckpointer) SaveRange(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
+	_, err := tx.Exec(ctx, `UPDATE `+c.s.Cat.T("copy_ranges")+` SET last_key = $3, done = $4, rows_copied = $5, updated_at = now()
+		WHERE migration_id = $1 AND range_no = $2`, c.id, r.No, r.Last, r.Done, r.Rows)
+	return err
+}

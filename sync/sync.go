@@ -1,0 +1,164 @@
+// Package sync keeps a target table current with every change made to a
+// source table while a migration runs: blue→green before the cutover,
+// green→blue after it. This file holds the trigger implementation: row
+// triggers whose function applies the shared row mapping (internal/rowmap)
+// inside the application's own transaction, so both sides always agree at
+// every snapshot. It owns the sync objects' DDL and nothing else.
+package sync
+
+import (
+	"context"
+	"fmt"
+	"strings"
+
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/rowmap"
+)
+
+// Trigger is a trigger sync from Mapping.Source to Mapping.Target.
+type Trigger struct {
+	Mapping rowmap.Mapping
+	// Func and Name name the row trigger's function and the trigger.
+	Func pgsql.QualifiedName
+	Name string
+	// TruncateFunc and TruncateName name the statement trigger that reacts to
+	// TRUNCATE of the source (empty: none). OnTruncate is the SQL it runs.
+	TruncateFunc pgsql.QualifiedName
+	TruncateName string
+	OnTruncate   string
+	// SearchPath is fixed on the function when the mapping has operator SQL.
+	SearchPath string
+}
+
+// CreateSQL returns the statements that create the sync. Creating the
+// triggers takes SHARE ROW EXCLUSIVE on the source: run them under a short
+// lock_timeout.
+func (t Trigger) CreateSQL() []string {
+	m := t.Mapping
+	alias := pgsql.Ident(m.Alias)
+	var b strings.Builder
+	fmt.Fprintf(&b, "CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER", t.Func.Quoted())
+	sp := "pg_catalog, pg_temp"
+	if t.SearchPath != "" {
+		sp = t.SearchPath + ", pg_temp"
+	}
+	fmt.Fprintf(&b, " SET search_path = %s AS $shadowctl$\nBEGIN\n", sp)
+	// Delete the old target row on DELETE, and on UPDATE when the row moves
+	// to another key (then the upsert below inserts the new one).
+	fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND %s) THEN\n", t.rekeyCondition())
+	fmt.Fprintf(&b, "    DELETE FROM %s AS t USING (SELECT OLD.*) AS %s WHERE %s;\n", m.Target.Quoted(), alias, m.MatchCondition("t"))
+	b.WriteString("  END IF;\n")
+	b.WriteString("  IF TG_OP <> 'DELETE' THEN\n")
+	fmt.Fprintf(&b, "    %s %s;\n", m.InsertSelect("(SELECT NEW.*)"), m.OnConflictUpdate())
+	b.WriteString("  END IF;\n  RETURN NULL;\nEND\n$shadowctl$")
+	stmts := []string{
+		b.String(),
+		fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.Name), m.Source.Quoted()),
+		fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()",
+			pgsql.Ident(t.Name), m.Source.Quoted(), t.Func.Quoted()),
+	}
+	if t.TruncateName != "" {
+		stmts = append(stmts,
+			fmt.Sprintf("CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $shadowctl$\nBEGIN\n%s;\nRETURN NULL;\nEND\n$shadowctl$",
+				t.TruncateFunc.Quoted(), t.OnTruncate),
+			fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.TruncateName), m.Source.Quoted()),
+			fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()",
+				pgsql.Ident(t.TruncateName), m.Source.Quoted(), t.TruncateFunc.Quoted()))
+	}
+	return stmts
+}
+
+// DropSQL returns the statements that remove the sync; each is a no-op when
+// the object is gone already, so an interrupted removal can be repeated.
+func (t Trigger) DropSQL() []string {
+	m := t.Mapping
+	stmts := []string{}
+	if t.TruncateName != "" {
+		stmts = append(stmts,
+			fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.TruncateName), m.Source.Quoted()),
+			fmt.Sprintf("DROP FUNCTION IF EXISTS %s()", t.TruncateFunc.Quoted()))
+	}
+	return append(stmts,
+		fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.Name), m.Source.Quoted()),
+		fmt.Sprintf("DROP FUNCTION IF EXISTS %s()", t.Func.Quoted()))
+}
+
+// DropFunctionsSQL removes only the functions (after the triggers are gone);
+// it takes no lock on any table.
+func (t Trigger) DropFunctionsSQL() []string {
+	stmts := []string{fmt.Sprintf("DROP FUNCTION IF EXISTS %s()", t.Func.Quoted())}
+	if t.TruncateName != "" {
+		stmts = append(stmts, fmt.Sprintf("DROP FUNCTION IF EXISTS %s()", t.TruncateFunc.Quoted()))
+	}
+	return stmts
+}
+
+// DropTriggersSQL removes only the triggers (the swap re-points the source,
+// the functions stay for a later reinstall).
+func (t Trigger) DropTriggersSQL() []string {
+	stmts := []string{fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.Name), t.Mapping.Source.Quoted())}
+	if t.TruncateName != "" {
+		stmts = append(stmts, fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.TruncateName), t.Mapping.Source.Quoted()))
+	}
+	return stmts
+}
+
+// rekeyCondition is true when an UPDATE moves the row to another target key.
+// When every match column is a plain source column, comparing those columns
+// of OLD and NEW is enough; otherwise always re-key (delete + insert).
+func (t Trigger) rekeyCondition() string {
+	m := t.Mapping
+	var cols []string
+	for _, c := range m.Match {
+		if c.Source == "" {
+			return "true"
+		}
+		cols = append(cols, c.Source)
+	}
+	// If the target's conflict key is not the match key, an update of a
+	// conflict-key column would leave the old row: always re-key then.
+	if !sameSet(m.ConflictKey, m.MatchColumns()) {
+		return "true"
+	}
+	old, nw := make([]string, len(cols)), make([]string, len(cols))
+	for i, c := range cols {
+		old[i], nw[i] = "OLD."+pgsql.Ident(c), "NEW."+pgsql.Ident(c)
+	}
+	return fmt.Sprintf("ROW(%s) IS DISTINCT FROM ROW(%s)", strings.Join(old, ", "), strings.Join(nw, ", "))
+}
+
+func sameSet(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := map[string]bool{}
+	for _, x := range a {
+		seen[x] = true
+	}
+	for _, x := range b {
+		if !seen[x] {
+			return false
+		}
+	}
+	return true
+}
+
+// Exec runs statements in order on q.
+func Exec(ctx context.Context, q pgsql.Querier, stmts []string) error {
+	for _, s := range stmts {
+		if _, err := q.Exec(ctx, s); err != nil {
+			return fmt.Errorf("%s: %w", firstLine(s), err)
+		}
+	}
+	return nil
+}
+
+func firstLine(s string) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	if len(s) > 120 {
+		s = s[:120] + "…"
+	}
+	return s
+}
