@@ -164,7 +164,7 @@ func (w *workload) client(ctx context.Context, no int) {
 				continue
 			}
 			var nid int
-			err = w.pool.QueryRow(ctx, `UPDATE public.orders SET id = nextval(pg_get_serial_sequence('public.orders', 'id')) WHERE id = $1 RETURNING id`, id).Scan(&nid)
+			err = w.pool.QueryRow(ctx, `UPDATE public.orders SET id = nextval('public.orders_id_seq') WHERE id = $1 RETURNING id`, id).Scan(&nid)
 			if err == nil {
 				model[nid] = model[id]
 				delete(model, id)

@@ -314,11 +314,15 @@ PERFORM pg_notify(%s, %s)`,
 	}
 }
 
-// reverseSync is the green→blue trigger sync used while green serves.
+// reverseSync is the green→blue trigger sync used while green serves. It
+// writes to blue under its parked name: while green serves, the original name
+// is the view over green.
 func (r *Runner) reverseSync(m *Migration) sync.Trigger {
 	p := m.State.Plan
+	mapping := p.Reverse
+	mapping.Target = pgsql.QualifiedName{Schema: m.Table.Schema, Name: p.Names.ParkedBlue}
 	return sync.Trigger{
-		Mapping:    p.Reverse,
+		Mapping:    mapping,
 		Func:       pgsql.QualifiedName{Schema: r.Store.Cat.Schema, Name: p.Names.ReverseFunc},
 		Name:       p.Names.ReverseTrig,
 		SearchPath: p.SearchPath,

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 )
@@ -50,6 +51,39 @@ type Constraint struct {
 	Table     string `json:"table,omitempty"`
 	Schema    string `json:"schema,omitempty"`
 	Validated bool   `json:"validated"`
+	// Foreign keys only: the referencing and referenced columns and actions.
+	Columns           []string `json:"columns,omitempty"`
+	RefColumns        []string `json:"ref_columns,omitempty"`
+	OnUpdate          string   `json:"on_update,omitempty"` // a, r, c, n, d
+	OnDelete          string   `json:"on_delete,omitempty"`
+	Match             string   `json:"match,omitempty"` // f, p, s
+	Deferrable        bool     `json:"deferrable,omitempty"`
+	InitiallyDeferred bool     `json:"initially_deferred,omitempty"`
+}
+
+// ForeignKeyDef renders a foreign key's definition referencing ref, from its
+// parts (pg_get_constraintdef would name the table it references now).
+func (c Constraint) ForeignKeyDef(ref string) string {
+	action := map[string]string{"a": "NO ACTION", "r": "RESTRICT", "c": "CASCADE", "n": "SET NULL", "d": "SET DEFAULT"}
+	q := func(cols []string) string {
+		out := make([]string, len(cols))
+		for i, c := range cols {
+			out[i] = pgsql.Ident(c)
+		}
+		return strings.Join(out, ", ")
+	}
+	def := fmt.Sprintf("FOREIGN KEY (%s) REFERENCES %s (%s)", q(c.Columns), ref, q(c.RefColumns))
+	if c.Match == "f" {
+		def += " MATCH FULL"
+	}
+	def += " ON UPDATE " + action[c.OnUpdate] + " ON DELETE " + action[c.OnDelete]
+	if c.Deferrable {
+		def += " DEFERRABLE"
+		if c.InitiallyDeferred {
+			def += " INITIALLY DEFERRED"
+		}
+	}
+	return def
 }
 
 // Trigger is a user trigger.
@@ -279,7 +313,10 @@ func (t *Table) loadConstraints(ctx context.Context, q pgsql.Querier) error {
 
 func (t *Table) loadInbound(ctx context.Context, q pgsql.Querier) error {
 	rows, err := q.Query(ctx, `
-		SELECT con.conname, 'f', pg_get_constraintdef(con.oid), c.relname, n.nspname, con.convalidated
+		SELECT con.conname, 'f', pg_get_constraintdef(con.oid), c.relname, n.nspname, con.convalidated,
+		       ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, o) JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.o),
+		       ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, o) JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.o),
+		       con.confupdtype::text, con.confdeltype::text, con.confmatchtype::text, con.condeferrable, con.condeferred
 		  FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 		 WHERE con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1
 		 ORDER BY n.nspname, c.relname, con.conname`, t.OID)
@@ -289,7 +326,8 @@ func (t *Table) loadInbound(ctx context.Context, q pgsql.Querier) error {
 	defer rows.Close()
 	for rows.Next() {
 		var c Constraint
-		if err := rows.Scan(&c.Name, &c.Type, &c.Def, &c.Table, &c.Schema, &c.Validated); err != nil {
+		if err := rows.Scan(&c.Name, &c.Type, &c.Def, &c.Table, &c.Schema, &c.Validated, &c.Columns, &c.RefColumns,
+			&c.OnUpdate, &c.OnDelete, &c.Match, &c.Deferrable, &c.InitiallyDeferred); err != nil {
 			return err
 		}
 		t.InboundFKs = append(t.InboundFKs, c)

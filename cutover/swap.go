@@ -1,0 +1,220 @@
+package cutover
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
+	"github.com/rs/zerolog"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+)
+
+// ErrDeadline means the swap's lock was not granted before the deadline; the
+// database is unchanged.
+var ErrDeadline = errors.New("the swap could not take its lock before the deadline")
+
+// ErrAmbiguousCommit means the connection failed while the swap committed:
+// whether it took effect must be read from the database before anything else.
+var ErrAmbiguousCommit = errors.New("the connection failed during the swap's commit")
+
+// Blocker is a session holding a lock that the swap needs.
+type Blocker struct {
+	PID         int32      `json:"pid"`
+	User        string     `json:"user"`
+	Application string     `json:"application"`
+	State       string     `json:"state"`
+	XactStart   *time.Time `json:"xact_start,omitempty"`
+	Query       string     `json:"query"`
+	Canceled    bool       `json:"canceled,omitempty"`
+}
+
+func (b Blocker) String() string {
+	age := ""
+	if b.XactStart != nil {
+		age = fmt.Sprintf(", transaction open %s", time.Since(*b.XactStart).Round(time.Millisecond))
+	}
+	return fmt.Sprintf("pid %d (%s, %s, %s%s): %s", b.PID, b.User, b.Application, b.State, age, oneLine(b.Query, 80))
+}
+
+// Attempt is one try at the swap's lock.
+type Attempt struct {
+	No       int           `json:"no"`
+	At       time.Time     `json:"at"`
+	LockWait time.Duration `json:"lock_wait_ns"`
+	Err      string        `json:"error,omitempty"`
+	Blockers []Blocker     `json:"blockers,omitempty"`
+}
+
+// SwapOptions bound a swap.
+type SwapOptions struct {
+	// LockTimeout is the longest the swap sits in a lock queue (and so the
+	// longest it can stall the application) per attempt.
+	LockTimeout time.Duration
+	// Deadline is when to give up retrying (zero: 5 minutes from now).
+	Deadline time.Time
+	// CancelBlockersAfter, when positive, cancels (or, when idle in a
+	// transaction, terminates) the sessions blocking the swap once this much
+	// time has passed since the first attempt. Only on the operator's word.
+	CancelBlockersAfter time.Duration
+	// OnAttempt is told about each failed attempt.
+	OnAttempt func(Attempt)
+	// BeforeCommit, when set, runs just before COMMIT (tests inject a lost
+	// connection there).
+	BeforeCommit func(ctx context.Context, tx pgx.Tx) error
+	Log          zerolog.Logger
+}
+
+// SwapResult measures a successful swap.
+type SwapResult struct {
+	Attempts int           `json:"attempts"`
+	LockWait time.Duration `json:"lock_wait_ns"`
+	LockHold time.Duration `json:"lock_hold_ns"`
+}
+
+// Swap runs body in one transaction after taking the locks in lockSQL, each
+// under LockTimeout. When a lock is not granted in time the transaction is
+// rolled back, the blockers are reported, and it retries with backoff and
+// jitter until the deadline. Lock wait is the time spent in the LOCK
+// statements of the successful attempt; lock hold is from their end to the
+// end of COMMIT.
+func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName, body func(ctx context.Context, tx pgx.Tx) error, opts SwapOptions) (SwapResult, error) {
+	if opts.LockTimeout <= 0 {
+		opts.LockTimeout = 100 * time.Millisecond
+	}
+	if opts.Deadline.IsZero() {
+		opts.Deadline = time.Now().Add(5 * time.Minute)
+	}
+	first := time.Now()
+	conn, err := pool.Acquire(ctx)
+	if err != nil {
+		return SwapResult{}, err
+	}
+	defer conn.Release()
+	for attempt := 1; ; attempt++ {
+		res, err := swapOnce(ctx, conn.Conn(), relations, body, opts)
+		res.Attempts = attempt
+		if err == nil {
+			return res, nil
+		}
+		if errors.Is(err, ErrAmbiguousCommit) || !pgsql.IsRetryable(err) {
+			return res, err
+		}
+		a := Attempt{No: attempt, At: time.Now(), LockWait: res.LockWait, Err: pgsql.Describe(err)}
+		a.Blockers, _ = blockers(ctx, pool, relations)
+		if opts.CancelBlockersAfter > 0 && time.Since(first) >= opts.CancelBlockersAfter {
+			cancelBlockers(ctx, pool, a.Blockers, opts.Log)
+		}
+		if opts.OnAttempt != nil {
+			opts.OnAttempt(a)
+		}
+		opts.Log.Info().Int("attempt", attempt).Int("blockers", len(a.Blockers)).Msg("swap lock not granted in time; retrying")
+		if time.Now().After(opts.Deadline) {
+			return res, fmt.Errorf("%w (%d attempts, last blocked by %v)", ErrDeadline, attempt, a.Blockers)
+		}
+		wait := min(50*time.Millisecond<<min(attempt-1, 6), 2*time.Second)
+		wait = wait/2 + time.Duration(rand.Int64N(int64(wait/2)+1))
+		if until := time.Until(opts.Deadline); wait > until {
+			wait = max(until, 0)
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return res, ctx.Err()
+		}
+	}
+}
+
+func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedName, body func(ctx context.Context, tx pgx.Tx) error, opts SwapOptions) (SwapResult, error) {
+	var res SwapResult
+	tx, err := conn.Begin(ctx)
+	if err != nil {
+		return res, err
+	}
+	defer tx.Rollback(context.WithoutCancel(ctx))
+	if err := pgsql.SetLocalLockTimeout(ctx, tx, opts.LockTimeout); err != nil {
+		return res, err
+	}
+	lockStart := time.Now()
+	for _, rel := range relations {
+		if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+			res.LockWait = time.Since(lockStart)
+			return res, fmt.Errorf("lock %s: %w", rel, err)
+		}
+	}
+	granted := time.Now()
+	res.LockWait = granted.Sub(lockStart)
+	if err := body(ctx, tx); err != nil {
+		return res, err
+	}
+	if opts.BeforeCommit != nil {
+		if err := opts.BeforeCommit(ctx, tx); err != nil {
+			return res, fmt.Errorf("%w: %v", ErrAmbiguousCommit, err)
+		}
+	}
+	if err := tx.Commit(ctx); err != nil {
+		if pgsql.Code(err) == "" { // no answer from the server: outcome unknown
+			return res, fmt.Errorf("%w: %v", ErrAmbiguousCommit, err)
+		}
+		return res, err
+	}
+	res.LockHold = time.Since(granted)
+	return res, nil
+}
+
+// blockers lists the sessions holding locks on the relations.
+func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName) ([]Blocker, error) {
+	names := make([]string, len(relations))
+	for i, r := range relations {
+		names[i] = r.Quoted()
+	}
+	rows, err := pool.Query(ctx, `
+		SELECT DISTINCT a.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), a.xact_start, coalesce(a.query, '')
+		  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+		 WHERE l.granted AND l.relation = ANY(SELECT to_regclass(n)::oid FROM unnest($1::text[]) n) AND a.pid <> pg_backend_pid()
+		 ORDER BY a.pid`, names)
+	if err != nil {
+		return nil, err
+	}
+	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Blocker, error) {
+		var b Blocker
+		err := r.Scan(&b.PID, &b.User, &b.Application, &b.State, &b.XactStart, &b.Query)
+		return b, err
+	})
+}
+
+// cancelBlockers cancels each blocker's statement, or terminates its session
+// when it is idle in a transaction (a cancel does nothing there).
+func cancelBlockers(ctx context.Context, pool *pgxpool.Pool, bs []Blocker, log zerolog.Logger) {
+	for i, b := range bs {
+		fn := "pg_cancel_backend"
+		if b.State == "idle in transaction" || b.State == "idle in transaction (aborted)" {
+			fn = "pg_terminate_backend"
+		}
+		var ok bool
+		if err := pool.QueryRow(ctx, "SELECT "+fn+"($1)", b.PID).Scan(&ok); err == nil && ok {
+			bs[i].Canceled = true
+			log.Warn().Int32("pid", b.PID).Str("how", fn).Str("blocker", b.String()).Msg("canceled a session blocking the swap, as the operator allowed")
+		}
+	}
+}
+
+func oneLine(s string, n int) string {
+	out := []rune{}
+	for _, r := range s {
+		if r == '\n' || r == '\t' {
+			r = ' '
+		}
+		out = append(out, r)
+		if len(out) >= n {
+			out = append(out, '…')
+			break
+		}
+	}
+	return string(out)
+}

@@ -1,0 +1,501 @@
+package shadow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/shadowctl/shadowctl/cutover"
+	"github.com/shadowctl/shadowctl/internal/pgmeta"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/sync"
+)
+
+// ErrSoak means finalize was asked for before the soak period had passed.
+var ErrSoak = errors.New("the soak period since the cutover has not passed")
+
+// CutoverOptions are the operator's bounds on a cutover or rollback.
+type CutoverOptions struct {
+	LockTimeout         time.Duration
+	Deadline            time.Duration
+	CancelBlockersAfter time.Duration
+	OnAttempt           func(cutover.Attempt)
+	// BeforeCommit is a test failpoint just before the swap's COMMIT.
+	BeforeCommit func(ctx context.Context, tx pgx.Tx) error
+}
+
+func (o CutoverOptions) swapOptions(r *Runner, id string) cutover.SwapOptions {
+	d := o.Deadline
+	if d <= 0 {
+		d = 5 * time.Minute
+	}
+	lt := o.LockTimeout
+	if lt <= 0 {
+		lt = DefaultLockTimeout
+	}
+	return cutover.SwapOptions{
+		LockTimeout: lt, Deadline: time.Now().Add(d), CancelBlockersAfter: o.CancelBlockersAfter,
+		BeforeCommit: o.BeforeCommit, Log: r.Log.With().Str("migration", id).Logger(),
+		OnAttempt: func(a cutover.Attempt) {
+			var bs []string
+			for _, b := range a.Blockers {
+				bs = append(bs, b.String())
+			}
+			_ = r.Store.Event(context.Background(), r.Pool, id, "swap_attempt",
+				fmt.Sprintf("attempt %d: lock not granted within %s; blockers: %s", a.No, lt, strings.Join(bs, "; ")), a)
+			if o.OnAttempt != nil {
+				o.OnAttempt(a)
+			}
+		},
+	}
+}
+
+// servedBy reads what public.<table> is now: "blue" (the table), "green" (a
+// view over green), or "" (nothing by that name).
+func (r *Runner) servedBy(ctx context.Context, m *Migration) (string, error) {
+	var kind *string
+	err := r.Pool.QueryRow(ctx, `SELECT c.relkind::text FROM pg_class c WHERE c.oid = to_regclass($1)`, m.Table.Quoted()).Scan(&kind)
+	if errors.Is(err, pgx.ErrNoRows) || (err == nil && kind == nil) {
+		return "", nil
+	}
+	if err != nil {
+		return "", err
+	}
+	if *kind == "v" {
+		return "green", nil
+	}
+	return "blue", nil
+}
+
+// reconcile settles a migration whose last swap was interrupted (the process
+// died, or the connection failed during COMMIT): what the database serves is
+// the truth, and the swap's transaction also wrote the catalog, so both agree;
+// only the intermediate phase needs undoing.
+func (r *Runner) reconcile(ctx context.Context, m *Migration) (*Migration, error) {
+	if m.Phase != CuttingOver && m.Phase != RollingBack {
+		return m, nil
+	}
+	served, err := r.servedBy(ctx, m)
+	if err != nil {
+		return nil, err
+	}
+	to := Ready
+	switch {
+	case m.Phase == CuttingOver && served == "blue" && m.State.LastCutover != nil && m.State.LastCutover.Kind == "rollback":
+		to = RolledBack
+	case m.Phase == RollingBack && served == "green":
+		to = CutOver
+	case m.Phase == RollingBack && served == "blue":
+		to = RolledBack
+	case served == "green":
+		to = CutOver
+	}
+	r.Log.Warn().Str("migration", m.ID).Str("phase", string(m.Phase)).Str("served_by", served).Msg("an earlier swap was interrupted; settling the phase from what the database serves")
+	if err := r.Store.SetPhase(ctx, r.Pool, m.ID, []Phase{m.Phase}, to, ""); err != nil {
+		return nil, err
+	}
+	return r.Store.Get(ctx, r.Pool, m.ID)
+}
+
+// Cutover swaps public.<table> to a view over green in one short transaction
+// (see cutover.Swap for the lock discipline) and replaces the forward sync by
+// the reverse one, so blue stays current for a rollback.
+func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*Migration, error) {
+	claim, err := r.claim(ctx, id, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer claim.release()
+	m, err := r.Store.Get(ctx, r.Pool, id)
+	if err != nil {
+		return nil, err
+	}
+	if m, err = r.reconcile(ctx, m); err != nil {
+		return nil, err
+	}
+	if m.Phase == CutOver {
+		return m, fmt.Errorf("migration %s is already cut over: %w", id, ErrWrongPhase)
+	}
+	if m.Phase != Ready && m.Phase != RolledBack {
+		return m, fmt.Errorf("migration %s is %s; a cutover needs ready or rolled_back: %w", id, m.Phase, ErrWrongPhase)
+	}
+	prev := m.Phase
+	if err := r.Store.SetPhase(ctx, r.Pool, id, []Phase{prev}, CuttingOver, ""); err != nil {
+		return m, err
+	}
+	p := m.State.Plan
+	parked := pgsql.QualifiedName{Schema: m.Table.Schema, Name: p.Names.ParkedBlue}
+	green := p.Forward.Target
+	relations := []pgsql.QualifiedName{m.Table, green}
+	for _, fk := range p.Blue.InboundFKs {
+		relations = append(relations, pgsql.QualifiedName{Schema: fk.Schema, Name: fk.Table})
+	}
+	fwd, rev := r.forwardSync(m), r.reverseSync(m)
+	res, err := cutover.Swap(ctx, r.Pool, relations, func(ctx context.Context, tx pgx.Tx) error {
+		stmts := fwd.DropTriggersSQL()
+		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", m.Table.Quoted(), pgsql.Ident(parked.Name)))
+		stmts = append(stmts, viewSQL(m.Table, p.Green, p.Blue)...)
+		stmts = append(stmts, greenAccessSQL(p.Blue, green)...)
+		stmts = append(stmts, userTriggersToGreen(p.Blue, parked, green)...)
+		stmts = append(stmts, rev.CreateSQL()...)
+		for _, fk := range p.Blue.InboundFKs {
+			stmts = append(stmts, repointFK(fk, green)...)
+		}
+		if err := sync.Exec(ctx, tx, stmts); err != nil {
+			return err
+		}
+		return r.recordServing(ctx, tx, m, CuttingOver, CutOver, "green")
+	}, opts.swapOptions(r, id))
+	return r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs)
+}
+
+// recordServing writes the swap's new phase and serving side inside the swap
+// transaction, so the catalog and what the database serves always agree.
+func (r *Runner) recordServing(ctx context.Context, tx pgx.Tx, m *Migration, from, to Phase, serving string) error {
+	st := m.State
+	st.Serving = serving
+	if err := r.Store.SaveState(ctx, tx, m.ID, st); err != nil {
+		return err
+	}
+	return r.Store.SetPhase(ctx, tx, m.ID, []Phase{from}, to, "")
+}
+
+// finishSwap records a swap's outcome: on success its measurements (the phase
+// was written by the swap itself); on failure, what the database serves
+// decides: unchanged, the phase goes back to prev; changed (a commit whose
+// answer was lost), the swap stands.
+func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev, to Phase, serving string, res cutover.SwapResult, swapErr error, fks []pgmeta.Constraint) (*Migration, error) {
+	ctx = context.WithoutCancel(ctx)
+	if swapErr != nil {
+		if errors.Is(swapErr, cutover.ErrAmbiguousCommit) {
+			r.Log.Warn().Str("migration", m.ID).Err(swapErr).Msg("the swap's commit had no answer; reading what the database serves")
+		}
+		served, err := r.servedBy(ctx, m)
+		if err != nil {
+			return m, fmt.Errorf("%s of %s: %w; and what the database serves could not be read: %v", kind, m.ID, swapErr, err)
+		}
+		if served != serving { // not swapped: back to where it was
+			if err := r.Store.SetPhase(ctx, r.Pool, m.ID, []Phase{CuttingOver, RollingBack}, prev, ""); err != nil {
+				return m, err
+			}
+			m2, _ := r.Store.Get(ctx, r.Pool, m.ID)
+			return m2, fmt.Errorf("%s of %s did not happen (%s still serves): %w", kind, m.ID, served, swapErr)
+		}
+		r.Log.Warn().Str("migration", m.ID).Msg("the swap had committed after all")
+	}
+	m.State.Serving = serving
+	m.State.LastCutover = &SwapRecord{Kind: kind, At: time.Now().UTC(), Attempts: res.Attempts,
+		LockWaitMS: float64(res.LockWait.Microseconds()) / 1000, LockHoldMS: float64(res.LockHold.Microseconds()) / 1000}
+	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		if err := r.Store.SaveState(ctx, tx, m.ID, m.State); err != nil {
+			return err
+		}
+		return r.Store.Event(ctx, tx, m.ID, kind, fmt.Sprintf("%s: %s serves; %d attempt(s), lock wait %.1f ms, hold %.1f ms",
+			kind, serving, res.Attempts, m.State.LastCutover.LockWaitMS, m.State.LastCutover.LockHoldMS), m.State.LastCutover)
+	})
+	if err != nil {
+		return m, err
+	}
+	_ = to
+	r.Log.Info().Str("migration", m.ID).Str("serving", serving).Int("attempts", res.Attempts).
+		Float64("lock_wait_ms", m.State.LastCutover.LockWaitMS).Float64("lock_hold_ms", m.State.LastCutover.LockHoldMS).Msg(kind + " done")
+	// Re-pointed foreign keys were added NOT VALID under the lock; validate
+	// them now, outside it (writes go on meanwhile).
+	for _, fk := range fks {
+		child := pgsql.QualifiedName{Schema: fk.Schema, Name: fk.Table}
+		if _, err := r.Pool.Exec(ctx, fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", child.Quoted(), pgsql.Ident(fk.Name))); err != nil {
+			r.Log.Error().Err(err).Str("constraint", fk.Name).Msg("validating a re-pointed foreign key failed; it stays NOT VALID")
+		}
+	}
+	return r.Store.Get(ctx, r.Pool, m.ID)
+}
+
+// Rollback serves blue again: the view goes, blue gets its name back and the
+// forward sync returns. Blue missed nothing: the reverse sync kept it current.
+// Before a cutover it is the same as abort.
+func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (*Migration, error) {
+	m, err := r.Store.Get(ctx, r.Pool, id)
+	if err != nil {
+		return nil, err
+	}
+	if m.State.Serving != "green" && m.Phase != CuttingOver && m.Phase != RollingBack && m.Phase != CutOver {
+		if err := r.Abort(ctx, id, "rolled back before the cutover (same as abort)"); err != nil {
+			return m, err
+		}
+		return r.Store.Get(ctx, r.Pool, id)
+	}
+	claim, err := r.claim(ctx, id, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer claim.release()
+	if m, err = r.reconcile(ctx, m); err != nil {
+		return nil, err
+	}
+	if m.Phase != CutOver {
+		return m, fmt.Errorf("migration %s is %s; a rollback needs cut_over: %w", id, m.Phase, ErrWrongPhase)
+	}
+	if err := r.Store.SetPhase(ctx, r.Pool, id, []Phase{CutOver}, RollingBack, ""); err != nil {
+		return m, err
+	}
+	p := m.State.Plan
+	parked := pgsql.QualifiedName{Schema: m.Table.Schema, Name: p.Names.ParkedBlue}
+	green := p.Forward.Target
+	relations := []pgsql.QualifiedName{m.Table, green, parked}
+	for _, fk := range p.Blue.InboundFKs {
+		relations = append(relations, pgsql.QualifiedName{Schema: fk.Schema, Name: fk.Table})
+	}
+	fwd, rev := r.forwardSync(m), r.reverseSync(m)
+	res, err := cutover.Swap(ctx, r.Pool, relations, func(ctx context.Context, tx pgx.Tx) error {
+		stmts := rev.DropTriggersSQL()
+		stmts = append(stmts, "DROP VIEW "+m.Table.Quoted())
+		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", parked.Quoted(), pgsql.Ident(m.Table.Name)))
+		stmts = append(stmts, userTriggersToBlue(p.Blue, m.Table, green)...)
+		stmts = append(stmts, fwd.CreateSQL()...)
+		for _, fk := range p.Blue.InboundFKs {
+			stmts = append(stmts, repointFK(fk, m.Table)...)
+		}
+		if err := sync.Exec(ctx, tx, stmts); err != nil {
+			return err
+		}
+		return r.recordServing(ctx, tx, m, RollingBack, RolledBack, "blue")
+	}, opts.swapOptions(r, id))
+	return r.finishSwap(ctx, m, "rollback", CutOver, RolledBack, "blue", res, err, p.Blue.InboundFKs)
+}
+
+// Finalize makes green the table itself under the original name, hands blue's
+// sequences to it, and drops blue and every sync object, in one short locked
+// transaction.
+func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration, force bool, opts CutoverOptions) (*Migration, error) {
+	claim, err := r.claim(ctx, id, 30*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	defer claim.release()
+	m, err := r.Store.Get(ctx, r.Pool, id)
+	if err != nil {
+		return nil, err
+	}
+	if m, err = r.reconcile(ctx, m); err != nil {
+		return nil, err
+	}
+	if m.Phase == Finalized {
+		return m, nil
+	}
+	if m.Phase != CutOver && m.Phase != Finalizing {
+		return m, fmt.Errorf("migration %s is %s; finalize needs cut_over: %w", id, m.Phase, ErrWrongPhase)
+	}
+	if !force && m.CutOverAt != nil && time.Since(*m.CutOverAt) < minSoak {
+		return m, fmt.Errorf("migration %s: %w: cut over %s ago, --min-soak is %s (wait, or use --force)", id, ErrSoak,
+			time.Since(*m.CutOverAt).Round(time.Second), minSoak)
+	}
+	if m.Phase != Finalizing {
+		if err := r.Store.SetPhase(ctx, r.Pool, id, []Phase{CutOver}, Finalizing, ""); err != nil {
+			return m, err
+		}
+	}
+	p := m.State.Plan
+	parked := pgsql.QualifiedName{Schema: m.Table.Schema, Name: p.Names.ParkedBlue}
+	green := p.Forward.Target
+	final := m.Table
+	fwd, rev := r.forwardSync(m), r.reverseSync(m)
+	var already bool
+	res, err := cutover.Swap(ctx, r.Pool, []pgsql.QualifiedName{m.Table}, func(ctx context.Context, tx pgx.Tx) error {
+		// A finalize that committed but died before the catalog said so.
+		if err := tx.QueryRow(ctx, `SELECT to_regclass($1) IS NULL`, green.Quoted()).Scan(&already); err != nil || already {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "LOCK TABLE "+parked.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+			return err
+		}
+		stmts := rev.DropTriggersSQL()
+		stmts = append(stmts, "DROP VIEW "+m.Table.Quoted())
+		var identities []identityHandover
+		for _, s := range p.Blue.Sequences {
+			seq := pgsql.QualifiedName{Schema: s.Schema, Name: s.Name}
+			if s.Identity {
+				h := identityHandover{seq: s}
+				var c pgmeta.Column
+				c, _ = p.Blue.Column(s.Column)
+				h.always = c.Identity == "a"
+				if err := tx.QueryRow(ctx, `SELECT coalesce(pg_sequence_last_value($1::regclass), s.seqstart - s.seqincrement), s.seqincrement
+					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).Scan(&h.last, &h.increment); err != nil {
+					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
+				identities = append(identities, h)
+				stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s DROP DEFAULT", green.Quoted(), pgsql.Ident(s.Column)))
+				continue
+			}
+			stmts = append(stmts, fmt.Sprintf("ALTER SEQUENCE %s OWNED BY NONE", seq.Quoted()))
+		}
+		stmts = append(stmts, "DROP TABLE "+parked.Quoted())
+		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s SET SCHEMA %s", green.Quoted(), pgsql.Ident(final.Schema)))
+		for _, s := range p.Blue.Sequences {
+			if !s.Identity {
+				stmts = append(stmts, fmt.Sprintf("ALTER SEQUENCE %s OWNED BY %s.%s", pgsql.QualifiedName{Schema: s.Schema, Name: s.Name}.Quoted(), final.Quoted(), pgsql.Ident(s.Column)))
+			}
+		}
+		for _, h := range identities {
+			mode := "BY DEFAULT"
+			if h.always {
+				mode = "ALWAYS"
+			}
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s ADD GENERATED %s AS IDENTITY (SEQUENCE NAME %s INCREMENT BY %d START WITH %d)",
+				final.Quoted(), pgsql.Ident(h.seq.Column), mode, pgsql.QualifiedName{Schema: h.seq.Schema, Name: h.seq.Name}.Quoted(), h.increment, h.last+h.increment))
+		}
+		if p.Blue.Comment != "" {
+			stmts = append(stmts, fmt.Sprintf("COMMENT ON TABLE %s IS %s", final.Quoted(), pgsql.Literal(p.Blue.Comment)))
+		}
+		stmts = append(stmts, fwd.DropFunctionsSQL()...)
+		stmts = append(stmts, rev.DropFunctionsSQL()...)
+		if err := sync.Exec(ctx, tx, stmts); err != nil {
+			return err
+		}
+		// The original owner, where this role may give it away.
+		if _, err := tx.Exec(ctx, "SAVEPOINT owner"); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s OWNER TO %s", final.Quoted(), pgsql.Ident(p.Blue.Owner))); err != nil {
+			r.Log.Warn().Err(err).Str("owner", p.Blue.Owner).Msg("could not give the table back to its owner")
+			if _, err := tx.Exec(ctx, "ROLLBACK TO SAVEPOINT owner"); err != nil {
+				return err
+			}
+		}
+		return nil
+	}, opts.swapOptions(r, id))
+	if err != nil {
+		return m, fmt.Errorf("finalize %s: %w (the migration stays cut over; run finalize again)", id, err)
+	}
+	ctx = context.WithoutCancel(ctx)
+	if err := r.dropGreenSchemaIfEmpty(ctx, m); err != nil {
+		r.Log.Warn().Err(err).Msg("could not drop the green schema")
+	}
+	err = pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		if err := r.Store.Event(ctx, tx, id, "finalize", fmt.Sprintf("finalized: %s is green's table; blue dropped; lock hold %.1f ms",
+			final, float64(res.LockHold.Microseconds())/1000), res); err != nil {
+			return err
+		}
+		return r.Store.SetPhase(ctx, tx, id, []Phase{Finalizing}, Finalized, "")
+	})
+	if err != nil {
+		return m, err
+	}
+	return r.Store.Get(ctx, r.Pool, id)
+}
+
+type identityHandover struct {
+	seq       pgmeta.Sequence
+	always    bool
+	last      int64
+	increment int64
+}
+
+// viewSQL creates public.<table> as a view over green: green's columns in
+// green's order, invoker's rights (RLS and privileges apply to the caller),
+// green's defaults on the view (for an explicit DEFAULT through the view),
+// blue's grants and comment.
+func viewSQL(name pgsql.QualifiedName, green, blue *pgmeta.Table) []string {
+	cols := make([]string, len(green.Columns))
+	for i, c := range green.Columns {
+		cols[i] = pgsql.Ident(c.Name)
+	}
+	stmts := []string{fmt.Sprintf("CREATE VIEW %s WITH (security_invoker = true) AS SELECT %s FROM %s",
+		name.Quoted(), strings.Join(cols, ", "), green.QName().Quoted())}
+	for _, c := range green.Columns {
+		if c.Default != "" && !c.Generated {
+			stmts = append(stmts, fmt.Sprintf("ALTER VIEW %s ALTER COLUMN %s SET DEFAULT %s", name.Quoted(), pgsql.Ident(c.Name), c.Default))
+		}
+	}
+	stmts = append(stmts, grantSQL(blue.Grants, name)...)
+	if blue.Comment != "" {
+		stmts = append(stmts, fmt.Sprintf("COMMENT ON VIEW %s IS %s", name.Quoted(), pgsql.Literal(blue.Comment)))
+	}
+	return stmts
+}
+
+func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName) []string {
+	var stmts []string
+	for _, g := range grants {
+		grantee := "PUBLIC"
+		if g.Grantee != "PUBLIC" {
+			grantee = pgsql.Ident(g.Grantee)
+		}
+		s := fmt.Sprintf("GRANT %s ON %s TO %s", g.Privilege, on.Quoted(), grantee)
+		if g.Grantable {
+			s += " WITH GRANT OPTION"
+		}
+		stmts = append(stmts, s)
+	}
+	return stmts
+}
+
+// greenAccessSQL gives green what the invoker-rights view needs: blue's
+// grants (and USAGE on green's schema) and blue's row-level security.
+func greenAccessSQL(blue *pgmeta.Table, green pgsql.QualifiedName) []string {
+	stmts := grantSQL(blue.Grants, green)
+	seen := map[string]bool{}
+	for _, g := range blue.Grants {
+		if !seen[g.Grantee] {
+			seen[g.Grantee] = true
+			grantee := "PUBLIC"
+			if g.Grantee != "PUBLIC" {
+				grantee = pgsql.Ident(g.Grantee)
+			}
+			stmts = append(stmts, fmt.Sprintf("GRANT USAGE ON SCHEMA %s TO %s", pgsql.Ident(green.Schema), grantee))
+		}
+	}
+	if blue.RLS {
+		for _, pol := range blue.Policies {
+			name := strings.Fields(pol)[2]
+			stmts = append(stmts, fmt.Sprintf("DROP POLICY IF EXISTS %s ON %s", name, green.Quoted()))
+			stmts = append(stmts, strings.Replace(pol, "{{TABLE}}", green.Quoted(), 1))
+		}
+		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ENABLE ROW LEVEL SECURITY", green.Quoted()))
+		if blue.ForceRLS {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s FORCE ROW LEVEL SECURITY", green.Quoted()))
+		}
+	}
+	return stmts
+}
+
+// userTriggersToGreen re-creates blue's own triggers on green and disables
+// them on blue, so each fires once: on the side the application writes.
+func userTriggersToGreen(blue *pgmeta.Table, parked, green pgsql.QualifiedName) []string {
+	var stmts []string
+	for _, t := range blue.Triggers {
+		def := strings.Replace(t.Def, " ON "+blue.SQLName+" ", " ON "+green.Quoted()+" ", 1)
+		stmts = append(stmts, fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.Name), green.Quoted()), def)
+		if t.Enabled == "D" {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s DISABLE TRIGGER %s", green.Quoted(), pgsql.Ident(t.Name)))
+		} else {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s DISABLE TRIGGER %s", parked.Quoted(), pgsql.Ident(t.Name)))
+		}
+	}
+	return stmts
+}
+
+// userTriggersToBlue undoes userTriggersToGreen.
+func userTriggersToBlue(blue *pgmeta.Table, name, green pgsql.QualifiedName) []string {
+	var stmts []string
+	for _, t := range blue.Triggers {
+		stmts = append(stmts, fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.Name), green.Quoted()))
+		mode := map[string]string{"O": "ENABLE", "R": "ENABLE REPLICA", "A": "ENABLE ALWAYS"}[t.Enabled]
+		if mode != "" {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s %s TRIGGER %s", name.Quoted(), mode, pgsql.Ident(t.Name)))
+		}
+	}
+	return stmts
+}
+
+// repointFK makes a referencing table's foreign key point at to, NOT VALID
+// (validated after the swap, outside the lock).
+func repointFK(fk pgmeta.Constraint, to pgsql.QualifiedName) []string {
+	child := pgsql.QualifiedName{Schema: fk.Schema, Name: fk.Table}
+	return []string{
+		fmt.Sprintf("ALTER TABLE %s DROP CONSTRAINT %s", child.Quoted(), pgsql.Ident(fk.Name)),
+		fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s NOT VALID", child.Quoted(), pgsql.Ident(fk.Name), fk.ForeignKeyDef(to.Quoted())),
+	}
+}
