@@ -192,7 +192,7 @@ func AcquireWith(ctx context.Context, cfg *pgx.ConnConfig, name string, opts Opt
 		if err != nil {
 			return fail(fmt.Errorf("lock %q: %w", name, err))
 		}
-		log.Info().Str("holders", describe(holders)).Dur("wait", opts.Wait).Msg("lock is held; waiting")
+		log.Info().Str("holders", describe(holders)).Str("wait", opts.Wait.String()).Msg("lock is held; waiting")
 		if opts.OnWait != nil {
 			opts.OnWait(holders)
 		}
