@@ -312,3 +312,33 @@ func TestLockIsPerDatabaseAndKeyed(t *testing.T) {
 		t.Fatalf("holders in db1: %+v", hs)
 	}
 }
+
+// Cancelling right after Acquire returns races the release with the
+// caller's use of the lock: the race detector must stay quiet and the lock
+// must end up free every time.
+func TestLockCancelRightAfterAcquire(t *testing.T) {
+	dsn := pgtest.NewDatabase(t)
+	obs := lockObserver(t, dsn)
+	cfg := lockConfig(t, dsn)
+	for i := 0; i < 10; i++ {
+		ctx, cancel := context.WithCancel(context.Background())
+		l, err := lock.Acquire(ctx, cfg, "flash", time.Second)
+		if err != nil {
+			t.Fatalf("#%d: %v", i, err)
+		}
+		cancel()
+		_ = l.Err()
+		_ = l.Release(context.Background())
+		if !errors.Is(l.Err(), lock.ErrReleased) {
+			t.Fatalf("#%d: Err = %v", i, l.Err())
+		}
+	}
+	if hs := lockHolders(t, obs, lock.KeyFor("flash")); len(hs) != 0 {
+		t.Fatalf("still held: %+v", hs)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	cancel()
+	if _, err := lock.Acquire(ctx, cfg, "flash", 0); !errors.Is(err, context.Canceled) {
+		t.Fatalf("acquire with a cancelled ctx: %v", err)
+	}
+}

@@ -141,7 +141,7 @@ type Lock struct {
 
 	stopKeeper chan struct{}
 	keeperDone chan struct{}
-	stopCtx    func() bool
+	stopCtx    func() bool // guarded by mu
 
 	releaseOnce sync.Once
 	releaseErr  error
@@ -240,6 +240,7 @@ func AcquireWith(ctx context.Context, cfg *pgx.ConnConfig, name string, opts Opt
 		lost: make(chan struct{}), stopKeeper: make(chan struct{}), keeperDone: make(chan struct{}),
 	}
 	go l.keep()
+	l.mu.Lock() // the AfterFunc may run (and read stopCtx) at once
 	l.stopCtx = context.AfterFunc(ctx, func() {
 		l.releaseOnce.Do(func() {
 			rctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
@@ -247,6 +248,7 @@ func AcquireWith(ctx context.Context, cfg *pgx.ConnConfig, name string, opts Opt
 			l.releaseErr = l.release(rctx, fmt.Errorf("%w: context ended: %w", ErrReleased, ctx.Err()))
 		})
 	})
+	l.mu.Unlock()
 	log.Debug().Int32("backend_pid", pid).Dur("waited", time.Since(start)).Msg("lock acquired")
 	return l, nil
 }
@@ -410,8 +412,11 @@ func (l *Lock) Release(ctx context.Context) error {
 }
 
 func (l *Lock) release(ctx context.Context, reason error) error {
-	if l.stopCtx != nil {
-		l.stopCtx()
+	l.mu.Lock()
+	stop := l.stopCtx
+	l.mu.Unlock()
+	if stop != nil {
+		stop()
 	}
 	close(l.stopKeeper)
 	nc := l.conn.PgConn().Conn()
