@@ -18,9 +18,9 @@ import (
 
 // orderRow is what the workload knows of one orders row.
 type orderRow struct {
-	CustomerID int
+	CustomerID  int
 	AmountCents int64
-	Status     string
+	Status      string
 }
 
 // workload is a set of clients that write through public.orders the way an
@@ -30,15 +30,15 @@ type orderRow struct {
 // Each client owns the pre-existing rows with id % clients == its number and
 // every row it inserts.
 type workload struct {
-	t       testing.TB
-	pool    *pgxpool.Pool
-	clients int
-	models  []map[int]orderRow
-	errs    chan error
-	ops     atomic.Int64
+	t        testing.TB
+	pool     *pgxpool.Pool
+	clients  int
+	models   []map[int]orderRow
+	errs     chan error
+	ops      atomic.Int64
 	errCount atomic.Int64
 	stopping atomic.Bool
-	wg      sync.WaitGroup
+	wg       sync.WaitGroup
 	// progress is closed after the first N operations, so tests can wait for
 	// the workload to be running rather than sleep.
 	started  chan struct{}
