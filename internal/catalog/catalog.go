@@ -103,6 +103,15 @@ func (c Catalog) steps() []string {
 			created_at    timestamptz NOT NULL DEFAULT now(),
 			updated_at    timestamptz NOT NULL DEFAULT now()
 		);`,
+		// 3: logical sync positions: the last WAL position applied to green,
+		// written in the same transaction as the changes it covers.
+		`CREATE TABLE ` + s + `.sync_positions (
+			migration_id text PRIMARY KEY REFERENCES ` + s + `.migrations ON DELETE CASCADE,
+			slot_name    text NOT NULL,
+			applied_lsn  pg_lsn NOT NULL,
+			applied_at   timestamptz,
+			updated_at   timestamptz NOT NULL DEFAULT now()
+		);`,
 	}
 }
 
