@@ -91,7 +91,9 @@ type Group struct {
 
 // NonTx reports whether the group is one statement that must run outside a
 // transaction block.
-func (g Group) NonTx() bool { return g.Begin == nil && len(g.Stmts) == 1 && g.Stmts[0].NonTransactional() }
+func (g Group) NonTx() bool {
+	return g.Begin == nil && len(g.Stmts) == 1 && g.Stmts[0].NonTransactional()
+}
 
 // Plan groups statements: each statement alone, except those between the
 // file's BEGIN and COMMIT, which run in one transaction.
