@@ -37,37 +37,13 @@ func fail(format string, a ...any) Result {
 	return Result{OK: false, Reason: fmt.Sprintf(format, a...)}
 }
 
-// splitName cuts a dotted name into its parts, honouring double quotes;
-// unquoted parts are folded to lower case as PostgreSQL does.
+// splitName cuts a dotted name into its parts (see pgsql.ParseName).
 func splitName(s string) ([]string, error) {
-	var parts []string
-	var cur strings.Builder
-	quoted := false
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		switch {
-		case quoted && c == '"' && i+1 < len(s) && s[i+1] == '"':
-			cur.WriteByte('"')
-			i++
-		case c == '"':
-			quoted = !quoted
-		case !quoted && c == '.':
-			if cur.Len() == 0 {
-				return nil, fmt.Errorf("%q: empty part: %w", s, ErrBadName)
-			}
-			parts = append(parts, cur.String())
-			cur.Reset()
-		default:
-			if !quoted && c >= 'A' && c <= 'Z' {
-				c += 'a' - 'A' // PostgreSQL folds ASCII letters only
-			}
-			cur.WriteByte(c)
-		}
+	parts, err := pgsql.ParseName(s)
+	if err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadName, err)
 	}
-	if quoted || cur.Len() == 0 {
-		return nil, fmt.Errorf("%q: %w", s, ErrBadName)
-	}
-	return append(parts, cur.String()), nil
+	return parts, nil
 }
 
 // relation splits "[schema.]table.column" (withColumn) or "[schema.]name".
