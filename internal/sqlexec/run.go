@@ -371,6 +371,8 @@ func (r *runner) dropIndexRetrying(ctx context.Context, ix pgsql.QualifiedName) 
 		if err == nil || !pgsql.IsRetryable(err) || attempt > r.opt.Retries {
 			return err
 		}
+		r.opt.Log.Warn().Str("index", ix.String()).Int("attempt", attempt).Str("error", pgsql.Describe(err)).
+			Msg("retrying the drop of the INVALID index")
 		if err := r.backoff(ctx, attempt); err != nil {
 			return err
 		}
