@@ -234,4 +234,3 @@ func mustExec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
 		t.Fatalf("%s: %v", sql, err)
 	}
 }
-
