@@ -250,7 +250,7 @@ func finish(ctx context.Context, conn *pgx.Conn, ck, id string, res UpdateResult
 	}
 	res.Took = time.Since(started)
 	log.Info().Int64("rows_changed", res.RowsChanged).Int64("rows_this_run", res.RowsThisRun).Int("batches", res.Batches).
-		Dur("took", res.Took).Msg("backfill done")
+		Str("took", res.Took.Round(time.Millisecond).String()).Msg("backfill done")
 	return res, nil
 }
 
@@ -315,11 +315,11 @@ func (p *progress) batch(visited int64, res UpdateResult, size int, lastKey []st
 		if cur, err := strconv.ParseFloat(lastKey[0], 64); err == nil && cur > p.from {
 			frac := (cur - p.lo) / (p.hi - p.lo)
 			eta := time.Duration(el * (p.hi - cur) / (cur - p.from) * float64(time.Second))
-			ev = ev.Str("done", fmt.Sprintf("%.1f%%", 100*min(frac, 1))).Dur("eta", eta.Round(time.Second))
+			ev = ev.Str("done", fmt.Sprintf("%.1f%%", 100*min(frac, 1))).Str("eta", eta.Round(time.Second).String())
 		}
 	case p.estimate > 0 && p.visited > 0:
 		left := max(0, p.estimate-p.visited)
-		ev = ev.Dur("eta", time.Duration(float64(left)/(float64(p.visited)/el)*float64(time.Second)).Round(time.Second))
+		ev = ev.Str("eta", time.Duration(float64(left)/(float64(p.visited)/el)*float64(time.Second)).Round(time.Second).String())
 	}
 	ev.Msg("backfill progress")
 }

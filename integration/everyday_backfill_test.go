@@ -147,10 +147,10 @@ func TestEverydayBackfillUnderLoadResumes(t *testing.T) {
 	t.Logf("%s: first run stopped at key %v with %d rows changed", time.Since(began).Round(time.Millisecond), lastKey, ckRows)
 
 	// Rerun through the CLI, same arguments in another spelling: it resumes.
-	r := runCLI(t, nil, "--dsn", dsn, "backfill", "--table", "public.orders",
+	r := runCLI(t, fastExit(), "--dsn", dsn, "backfill", "--table", "public.orders",
 		"--set", "customer_email  =  customers.email", "--from", "customers",
 		"--where", "orders.customer_id = customers.id", "--only-null", "customer_email",
-		"--batch-size", "5000", "--lock-timeout", "1s")
+		"--batch-size", "5000", "--lock-timeout", "1s", "--progress-every", "2s")
 	if r.Code != 0 {
 		t.Fatalf("rerun exited %d:\n%s\n%s", r.Code, r.Stdout, r.Stderr)
 	}
@@ -164,7 +164,7 @@ func TestEverydayBackfillUnderLoadResumes(t *testing.T) {
 		t.Fatalf("rerun: total %d, this run %d, checkpoint before %d", total, thisRun, ckRows)
 	}
 	t.Logf("%s: rerun done", time.Since(began).Round(time.Millisecond))
-	again := runCLI(t, nil, "--dsn", dsn, "backfill", "--table", "orders", "--set", "customer_email = customers.email",
+	again := runCLI(t, fastExit(), "--dsn", dsn, "backfill", "--table", "orders", "--set", "customer_email = customers.email",
 		"--from", "customers", "--where", "orders.customer_id = customers.id", "--only-null", "customer_email")
 	if again.Code != 0 || !regexp.MustCompile(`already done`).MatchString(again.Stdout) {
 		t.Fatalf("third run: %d %q %q", again.Code, again.Stdout, again.Stderr)

@@ -31,6 +31,7 @@ func startCLI(t testing.TB, args ...string) *bgCLI {
 	t.Helper()
 	b := &bgCLI{seen: make(chan string, 10000), done: make(chan cliResult, 1)}
 	b.cmd = exec.Command(shadowctlBinary(t), args...)
+	b.cmd.Env = append(os.Environ(), fastExit()...)
 	b.cmd.Stdout = &b.stdout
 	pipe, err := b.cmd.StderrPipe()
 	if err != nil {
@@ -67,6 +68,16 @@ func startCLI(t testing.TB, args ...string) *bgCLI {
 	}()
 	t.Cleanup(func() { _ = b.cmd.Process.Kill() })
 	return b
+}
+
+// fastExit is the environment that spares each run of the race-enabled
+// binary the race runtime's one-second sleep at a successful exit.
+func fastExit() []string {
+	opts := "atexit_sleep_ms=0"
+	if g := os.Getenv("GORACE"); g != "" {
+		opts = g + " " + opts
+	}
+	return []string{"GORACE=" + opts}
 }
 
 // waitLine waits for a stderr line containing all of subs.
@@ -303,7 +314,7 @@ CREATE UNIQUE INDEX CONCURRENTLY t_v_uniq
   ON t (v);
 CREATE TABLE never_created (id int);
 `)
-	res := runCLI(t, nil, "--dsn", dsn, "--log-format", "json", "exec", "--lock-timeout", "1s", file)
+	res := runCLI(t, fastExit(), "--dsn", dsn, "--log-format", "json", "exec", "--lock-timeout", "1s", file)
 	if res.Code == 0 {
 		t.Fatalf("exec succeeded on duplicate data:\n%s", res.Stdout)
 	}
@@ -324,7 +335,7 @@ CREATE TABLE never_created (id int);
 func TestEverydayExecContractGuardWithoutExtension(t *testing.T) {
 	dsn, c := setupExecTable(t)
 	file := writeSQL(t, "contract.sql", "ALTER TABLE t DROP COLUMN payload;\n")
-	res := runCLI(t, nil, "--dsn", dsn, "--log-format", "json", "exec", "--strict", file)
+	res := runCLI(t, fastExit(), "--dsn", dsn, "--log-format", "json", "exec", "--strict", file)
 	if res.Code != 0 || !strings.Contains(res.Stderr, "pg_stat_statements is not installed") {
 		t.Fatalf("exec: %d\n%s\n%s", res.Code, res.Stdout, res.Stderr)
 	}
@@ -367,7 +378,7 @@ func TestEverydayExecContractGuardWithPgStatStatements(t *testing.T) {
 		}
 	}
 	file := writeSQL(t, "contract.sql", "ALTER TABLE orders DROP COLUMN customer_name, DROP COLUMN note;\n")
-	res := runCLI(t, nil, "--dsn", dsn, "--log-format", "json", "exec", "--strict", file)
+	res := runCLI(t, fastExit(), "--dsn", dsn, "--log-format", "json", "exec", "--strict", file)
 	if res.Code == 0 || !strings.Contains(res.Stderr, "contract guard") || !strings.Contains(res.Stderr, "orders.customer_name") {
 		t.Fatalf("--strict did not refuse:\n%s\n%s", res.Stdout, res.Stderr)
 	}
@@ -377,7 +388,7 @@ func TestEverydayExecContractGuardWithPgStatStatements(t *testing.T) {
 	if n := scalar[int64](t, c, `SELECT count(*) FROM pg_attribute WHERE attrelid = 'orders'::regclass AND attname IN ('customer_name', 'note') AND NOT attisdropped`); n != 2 {
 		t.Fatalf("--strict refused but %d of the 2 columns remain", n)
 	}
-	res = runCLI(t, nil, "--dsn", dsn, "--log-format", "json", "exec", file)
+	res = runCLI(t, fastExit(), "--dsn", dsn, "--log-format", "json", "exec", file)
 	if res.Code != 0 || !strings.Contains(res.Stderr, `"level":"warn"`) || !strings.Contains(res.Stderr, "orders.customer_name") ||
 		!strings.Contains(res.Stderr, "shorter than --window") {
 		t.Fatalf("without --strict: want a warning and success:\n%s\n%s", res.Stdout, res.Stderr)
