@@ -269,6 +269,10 @@ func build(t table, u Update, bounded bool) statements {
 
 // ID returns the backfill's id (resolving the table to normalize its name).
 func (u Update) ID(ctx context.Context, conn *pgx.Conn) (string, error) {
+	u, err := u.canonical()
+	if err != nil {
+		return "", err
+	}
 	t, err := resolve(ctx, conn, u)
 	if err != nil {
 		return "", err
@@ -279,6 +283,22 @@ func (u Update) ID(ctx context.Context, conn *pgx.Conn) (string, error) {
 func (u Update) spec(t table) spec {
 	return spec{Version: 1, Schema: t.name.Schema, Table: t.name.Name, Set: normalize(u.Set),
 		From: normalize(u.From), Where: normalize(u.Where), OnlyNull: u.OnlyNull, Key: t.key}
+}
+
+// canonical validates u and folds --only-null like SQL does (unquoted:
+// lower case; "Quoted": as written).
+func (u Update) canonical() (Update, error) {
+	if err := u.validate(); err != nil {
+		return u, err
+	}
+	if u.OnlyNull != "" {
+		parts, err := pgsql.ParseName(u.OnlyNull)
+		if err != nil || len(parts) != 1 {
+			return u, fmt.Errorf("--only-null %q: want one column name: %w", u.OnlyNull, ErrBadSpec)
+		}
+		u.OnlyNull = parts[0]
+	}
+	return u, nil
 }
 
 func (u Update) validate() error {

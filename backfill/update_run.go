@@ -26,7 +26,8 @@ func RunUpdate(ctx context.Context, conn *pgx.Conn, cat catalog.Catalog, u Updat
 	o.defaults()
 	started := time.Now()
 	var res UpdateResult
-	if err := u.validate(); err != nil {
+	u, err := u.canonical()
+	if err != nil {
 		return res, err
 	}
 	t, err := resolve(ctx, conn, u)

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"regexp"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -232,5 +233,98 @@ func mustExec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
 	t.Helper()
 	if _, err := pool.Exec(context.Background(), sql, args...); err != nil {
 		t.Fatalf("%s: %v", sql, err)
+	}
+}
+
+// TestEverydayBackfillOnlyNullRecheckedUnderRowLock: a row the application
+// is writing when the batch reaches it keeps the application's value: the
+// batch waits for the row lock, then re-checks IS NULL on the new version.
+func TestEverydayBackfillOnlyNullRecheckedUnderRowLock(t *testing.T) {
+	ctx := context.Background()
+	pool, dsn := pgtest.NewPool(t)
+	mustExec(t, pool, `CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
+		INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 1000) g;`)
+	conn, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close(ctx)
+	cat := catalog.New("")
+	if _, _, err := cat.Init(ctx, conn); err != nil {
+		t.Fatal(err)
+	}
+	app, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer app.Close(ctx)
+	if _, err := app.Exec(ctx, `BEGIN; UPDATE items SET label = 'app' WHERE id = 500`); err != nil {
+		t.Fatal(err)
+	}
+	out := make(chan error, 1)
+	var res backfill.UpdateResult
+	go func() {
+		var err error
+		res, err = backfill.RunUpdate(ctx, conn, cat, backfill.Update{Table: "items", Set: "label = 'p' || price", OnlyNull: "label"},
+			backfill.UpdateOptions{MaxBatch: 5000, LockTimeout: time.Minute, Log: zerolog.New(zerolog.NewTestWriter(t))})
+		out <- err
+	}()
+	watch, err := pgx.Connect(ctx, dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer watch.Close(ctx)
+	var appPID uint32
+	if err := app.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&appPID); err != nil {
+		t.Fatal(err)
+	}
+	pollUntil(t, 30*time.Second, "the batch waits for the application's row lock", func() bool {
+		var waiting bool
+		if err := watch.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_stat_activity
+			WHERE datname = current_database() AND $1 = ANY (pg_blocking_pids(pid)))`, appPID).Scan(&waiting); err != nil {
+			t.Fatal(err)
+		}
+		return waiting
+	})
+	if _, err := app.Exec(ctx, `COMMIT`); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-out; err != nil {
+		t.Fatal(err)
+	}
+	var label string
+	var others int64
+	if err := watch.QueryRow(ctx, `SELECT (SELECT label FROM items WHERE id = 500),
+		(SELECT count(*) FROM items WHERE id <> 500 AND label = 'p' || price)`).Scan(&label, &others); err != nil {
+		t.Fatal(err)
+	}
+	if label != "app" || others != 999 || res.RowsChanged != 999 {
+		t.Fatalf("row 500 = %q (want the application's 'app'); %d others backfilled, %d rows changed (want 999)", label, others, res.RowsChanged)
+	}
+}
+
+// TestEverydayBackfillCompositeQuotedKey: a composite key and identifiers
+// that need quoting, many small batches, the same result as one UPDATE.
+func TestEverydayBackfillCompositeQuotedKey(t *testing.T) {
+	pool, dsn := pgtest.NewPool(t)
+	mustExec(t, pool, `CREATE SCHEMA "Shop";
+		CREATE TABLE "Shop"."Order Items" ("Order Id" int, "Line" text, qty int NOT NULL, "Total" int,
+			PRIMARY KEY ("Order Id", "Line"));
+		INSERT INTO "Shop"."Order Items" SELECT o, 'l' || l, l, NULL FROM generate_series(1, 300) o, generate_series(1, 10) l;`)
+	if r := runCLI(t, fastExit(), "--dsn", dsn, "init"); r.Code != 0 {
+		t.Fatal(r.Stderr)
+	}
+	r := runCLI(t, fastExit(), "--dsn", dsn, "backfill", "--table", `"Shop"."Order Items"`, "--set", `"Total" = qty * 10`,
+		"--where", `"Order Items"."Order Id" % 2 = 0`, "--only-null", `"Total"`, "--batch-size", "100")
+	if r.Code != 0 || !strings.Contains(r.Stdout, "done: 1500 rows changed") {
+		t.Fatalf("backfill: %d\n%s\n%s", r.Code, r.Stdout, r.Stderr)
+	}
+	var wrong int64
+	if err := pool.QueryRow(context.Background(), `SELECT count(*) FROM "Shop"."Order Items"
+		WHERE "Total" IS DISTINCT FROM CASE WHEN "Order Id" % 2 = 0 THEN qty * 10 END`).Scan(&wrong); err != nil {
+		t.Fatal(err)
+	}
+	if wrong != 0 {
+		t.Fatalf("%d rows wrong", wrong)
 	}
 }
