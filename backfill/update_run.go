@@ -16,7 +16,7 @@ import (
 
 // RunUpdate runs (or resumes) the batched UPDATE backfill u on conn, a
 // dedicated session (it holds a session advisory lock on the backfill's id
-// for the run). Rows are visited in key order, from the checkpoint to the
+// for the run, and sets its lock_timeout for the run). Rows are visited in key order, from the checkpoint to the
 // largest key present when the backfill first started; with OnlyNull the
 // bound is dropped and the run goes on to the end of the table as it finds
 // it (rows inserted with a NULL behind the cursor are not seen). Each batch
@@ -30,6 +30,16 @@ func RunUpdate(ctx context.Context, conn *pgx.Conn, cat catalog.Catalog, u Updat
 	if err != nil {
 		return res, err
 	}
+	// Every statement of the run, not only the batches, waits for locks at
+	// most the lock timeout (reading the bounds could queue behind a DDL).
+	if err := pgsql.SetLockTimeout(ctx, conn, o.LockTimeout); err != nil {
+		return res, fmt.Errorf("backfill: set lock_timeout: %w", err)
+	}
+	defer func() {
+		rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
+		defer cancel()
+		_, _ = conn.Exec(rctx, `RESET lock_timeout`)
+	}()
 	t, err := resolve(ctx, conn, u)
 	if err != nil {
 		return res, err

@@ -2,8 +2,10 @@ package main
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/shadowctl/shadowctl/internal/gate"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/urfave/cli/v2"
 )
 
@@ -50,6 +52,10 @@ func init() {
 				return fails(redactAll(err.Error(), nil))
 			}
 			defer conn.Close(c.Context)
+			// The gate only reads, but a read can queue behind DDL.
+			if err := pgsql.SetLockTimeout(c.Context, conn, 5*time.Second); err != nil {
+				return fails(err.Error())
+			}
 			var results []gate.Result
 			add := func(r gate.Result, err error) error {
 				if err != nil {

@@ -46,6 +46,8 @@ func init() {
 				return cli.Exit(err.Error(), waitUsage)
 			}
 			dsn := dsnOf(c)
+			// The catalog reads wait for locks at most this long.
+			cfg.RuntimeParams["lock_timeout"] = "5s"
 			v, reason, err := gate.Wait(c.Context, gate.WaitOptions{
 				Catalog: catalogOf(c), ID: id, Phase: phase, Timeout: c.Duration("timeout"), Poll: c.Duration("poll"),
 				Connect: func(ctx context.Context) (*pgx.Conn, error) {
