@@ -1,9 +1,8 @@
-// Package backfill moves rows in batches: the chunked blue→green copy of a
-// blue-green migration (this file), and the batched UPDATE backfills of the
-// expand/contract pattern. It owns batching, key ranges, workers, throttling
-// and checkpoint progress; where checkpoints are stored is the caller's
-// business (an interface), and what a row becomes is the shared row mapping.
 package backfill
+
+// This file: the chunked blue→green copy. Where its checkpoints are stored is
+// the caller's business (an interface), and what a row becomes is the shared
+// row mapping (internal/rowmap).
 
 import (
 	"context"
