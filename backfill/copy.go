@@ -63,6 +63,15 @@ type Copier struct {
 	// Failpoint, when set, runs inside each batch's transaction after the rows
 	// were read and written and before the commit (tests use it to interleave).
 	Failpoint func(ctx context.Context, r Range) error
+	// Snapshot, when set, is an exported snapshot every batch reads blue in
+	// (logical sync: the slot's snapshot). Rows are then not locked: nothing
+	// writes green until the copy is done, and the stream applies every change
+	// made after the snapshot.
+	Snapshot string
+	// NoLock leaves blue's rows unlocked without a snapshot (logical sync
+	// resumed after the snapshot was lost: the stream's idempotent replay
+	// converges green).
+	NoLock bool
 
 	limiter rateLimiter
 }
@@ -158,7 +167,16 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		var n, inserted int64
 		var last []string
 		err := c.retry(ctx, func() error {
-			return pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error {
+			opts := pgx.TxOptions{}
+			if c.Snapshot != "" {
+				opts.IsoLevel = pgx.RepeatableRead
+			}
+			return pgx.BeginTxFunc(ctx, c.Pool, opts, func(tx pgx.Tx) error {
+				if c.Snapshot != "" {
+					if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgsql.Literal(c.Snapshot)); err != nil {
+						return fmt.Errorf("import the slot's snapshot: %w", err)
+					}
+				}
 				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
 					return err
 				}
@@ -254,13 +272,17 @@ func (c *Copier) batchSQL(r Range) string {
 		desc[i] = pgsql.Ident(k) + " DESC"
 		lastArr[i] = pgsql.Ident(k) + "::text"
 	}
+	lock := " FOR KEY SHARE OF b"
+	if c.Snapshot != "" || c.NoLock {
+		lock = ""
+	}
 	return fmt.Sprintf(`WITH src AS MATERIALIZED (
-  SELECT * FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d FOR KEY SHARE OF b
+  SELECT * FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d%s
 ), ins AS (
   %s %s RETURNING 1
 )
 SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT ARRAY[%s] FROM src ORDER BY %s LIMIT 1)`,
-		m.Source.Quoted(), strings.Join(where, " AND "), strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")"), n+1,
+		m.Source.Quoted(), strings.Join(where, " AND "), strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")"), n+1, lock,
 		m.InsertSelect("src"), m.OnConflictDoNothing(), strings.Join(lastArr, ", "), strings.Join(desc, ", "))
 }
 

@@ -65,6 +65,9 @@ type SwapOptions struct {
 	// BeforeCommit, when set, runs just before COMMIT (tests inject a lost
 	// connection there).
 	BeforeCommit func(ctx context.Context, tx pgx.Tx) error
+	// Retryable, when set, marks more errors of the body as worth another
+	// attempt (besides lock timeouts, deadlocks and serialization failures).
+	Retryable func(error) bool
 	Log          zerolog.Logger
 }
 
@@ -100,7 +103,7 @@ func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedNa
 		if err == nil {
 			return res, nil
 		}
-		if errors.Is(err, ErrAmbiguousCommit) || !pgsql.IsRetryable(err) {
+		if errors.Is(err, ErrAmbiguousCommit) || !(pgsql.IsRetryable(err) || (opts.Retryable != nil && opts.Retryable(err))) {
 			return res, err
 		}
 		a := Attempt{No: attempt, At: time.Now(), LockWait: res.LockWait, Err: pgsql.Describe(err)}

@@ -9,7 +9,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"strings"
+	gosync "sync"
 	"sync/atomic"
 	"time"
 
@@ -52,7 +54,29 @@ type Verifier struct {
 	// Chunked is false when the target cannot be searched by the source key
 	// in the same order; the whole table is then one chunk.
 	Chunked bool
+	// CatchUp, set for an asynchronous (logical) sync, waits until the target
+	// has applied every change made to the source so far. A chunk that
+	// differs is then compared again after catching up, and finally under a
+	// SHARE lock on the source (writes wait, briefly) after catching up, so a
+	// difference that is only replication lag is never taken for a mismatch.
+	CatchUp func(ctx context.Context) error
 	Log     zerolog.Logger
+
+	quiet gosync.Mutex
+}
+
+// sleepJitter waits a short, growing, jittered time before a retry.
+func sleepJitter(ctx context.Context, attempt int) error {
+	d := min(20*time.Millisecond<<min(attempt, 6), time.Second)
+	d = d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
 }
 
 type chunk struct {
@@ -82,6 +106,21 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 					return err
 				}
 				nchunks.Add(1)
+				if !ok && v.CatchUp != nil {
+					for try := 0; try < 3 && !ok; try++ {
+						if err := v.CatchUp(gctx); err != nil {
+							return err
+						}
+						if n, ok, desc, err = v.compare(gctx, c); err != nil {
+							return err
+						}
+					}
+					if !ok {
+						if n, ok, desc, err = v.compareQuiet(gctx, c); err != nil {
+							return err
+						}
+					}
+				}
 				if !ok {
 					mismatched.Add(1)
 					first.CompareAndSwap(nil, &desc)
@@ -164,17 +203,21 @@ func (v *Verifier) walkChunks(ctx context.Context, out chan<- chunk) error {
 // compare checks one chunk: count and XOR of row hashes on both sides, read
 // by one statement (one snapshot).
 func (v *Verifier) compare(ctx context.Context, c chunk) (rows int64, ok bool, desc string, err error) {
+	return v.compareOn(ctx, v.Pool, c)
+}
+
+func (v *Verifier) compareOn(ctx context.Context, q pgsql.Querier, c chunk) (rows int64, ok bool, desc string, err error) {
 	m := v.Mapping
 	n := len(m.SourceKey)
 	srcWhere, tgtWhere := v.rangeCond(c)
-	q := fmt.Sprintf(`SELECT s.n, s.h, t.n, t.h FROM
+	sql := fmt.Sprintf(`SELECT s.n, s.h, t.n, t.h FROM
   (SELECT count(*) AS n, coalesce(bit_xor(hashtextextended(%s, 0)), 0) AS h FROM ONLY %s AS %s WHERE %s) s,
   (SELECT count(*) AS n, coalesce(bit_xor(hashtextextended(%s, 0)), 0) AS h FROM ONLY %s AS t WHERE %s) t`,
 		m.RowDigestSource(), m.Source.Quoted(), pgsql.Ident(m.Alias), srcWhere,
 		m.RowDigestTarget("t"), m.Target.Quoted(), tgtWhere)
 	args := append(keyArgs(c.lower, n), keyArgs(c.upper, n)...)
 	var sn, tn, sh, th int64
-	if err := v.Pool.QueryRow(ctx, q, args...).Scan(&sn, &sh, &tn, &th); err != nil {
+	if err := q.QueryRow(ctx, sql, args...).Scan(&sn, &sh, &tn, &th); err != nil {
 		return 0, false, "", fmt.Errorf("verify %s: %w", m.Target, err)
 	}
 	desc = fmt.Sprintf("keys (%v, %v]: blue %d rows, green %d rows", fmtKey(c.lower), fmtKey(c.upper), sn, tn)
@@ -185,6 +228,57 @@ func (v *Verifier) compare(ctx context.Context, c chunk) (rows int64, ok bool, d
 		desc += ", same count but different values"
 	}
 	return sn, false, desc, nil
+}
+
+// compareQuiet compares a chunk while the source takes no writes (SHARE
+// lock under lock_timeout) after the target caught up; with Repair it also
+// repairs it there, since the sync has nothing left to apply.
+func (v *Verifier) compareQuiet(ctx context.Context, c chunk) (rows int64, ok bool, desc string, err error) {
+	// One quiet compare at a time: a second SHARE request would queue behind
+	// the writers that wait for the first.
+	v.quiet.Lock()
+	defer v.quiet.Unlock()
+	for attempt := 0; ; attempt++ {
+		// Catch up first, so the lock is held only for the last few changes.
+		if err := v.CatchUp(ctx); err != nil {
+			return 0, false, "", err
+		}
+		rows, ok, desc, err = v.compareQuietOnce(ctx, c)
+		if err == nil || !pgsql.IsRetryable(err) || attempt >= 20 {
+			return rows, ok, desc, err
+		}
+		v.Log.Debug().Err(err).Int("attempt", attempt+1).Msg("quiet compare: lock busy, retrying")
+		if werr := sleepJitter(ctx, attempt); werr != nil {
+			return 0, false, "", werr
+		}
+	}
+}
+
+func (v *Verifier) compareQuietOnce(ctx context.Context, c chunk) (rows int64, ok bool, desc string, err error) {
+	err = pgx.BeginFunc(ctx, v.Pool, func(tx pgx.Tx) error {
+		if err := pgsql.SetLocalLockTimeout(ctx, tx, max(v.LockTimeout, 100*time.Millisecond)); err != nil {
+			return err
+		}
+		if _, err := tx.Exec(ctx, "LOCK TABLE ONLY "+v.Mapping.Source.Quoted()+" IN SHARE MODE"); err != nil {
+			return err
+		}
+		if err := v.CatchUp(ctx); err != nil {
+			return err
+		}
+		rows, ok, desc, err = v.compareOn(ctx, tx, c)
+		if err != nil || ok || !v.Repair {
+			return err
+		}
+		if err := v.repairOn(ctx, tx, c); err != nil {
+			return err
+		}
+		rows, ok, desc, err = v.compareOn(ctx, tx, c)
+		if ok {
+			desc += " (repaired)"
+		}
+		return err
+	})
+	return rows, ok, desc, err
 }
 
 // rangeCond renders the chunk's bounds over the source and target key:
@@ -209,7 +303,7 @@ func (v *Verifier) rangeCond(c chunk) (src, tgt string) {
 func (v *Verifier) repair(ctx context.Context, c chunk) error {
 	m := v.Mapping
 	n := len(m.SourceKey)
-	srcWhere, tgtWhere := v.rangeCond(c)
+	srcWhere, _ := v.rangeCond(c)
 	args := append(keyArgs(c.lower, n), keyArgs(c.upper, n)...)
 	return pgx.BeginFunc(ctx, v.Pool, func(tx pgx.Tx) error {
 		if err := pgsql.SetLocalLockTimeout(ctx, tx, max(v.LockTimeout, time.Second)); err != nil {
@@ -218,15 +312,24 @@ func (v *Verifier) repair(ctx context.Context, c chunk) error {
 		if _, err := tx.Exec(ctx, fmt.Sprintf("SELECT 1 FROM ONLY %s AS %s WHERE %s FOR SHARE", m.Source.Quoted(), pgsql.Ident(m.Alias), srcWhere), args...); err != nil {
 			return fmt.Errorf("repair %s: lock blue rows: %w", m.Target, err)
 		}
-		if _, err := tx.Exec(ctx, fmt.Sprintf("DELETE FROM ONLY %s AS t WHERE %s", m.Target.Quoted(), tgtWhere), args...); err != nil {
-			return fmt.Errorf("repair %s: %w", m.Target, err)
-		}
-		ins := fmt.Sprintf("%s WHERE %s %s", m.InsertSelect("ONLY "+m.Source.Quoted()), srcWhere, m.OnConflictDoNothing())
-		if _, err := tx.Exec(ctx, ins, args...); err != nil {
-			return fmt.Errorf("repair %s: %w", m.Target, err)
-		}
-		return nil
+		return v.repairOn(ctx, tx, c)
 	})
+}
+
+// repairOn replaces the chunk of the target with the mapping of the source.
+func (v *Verifier) repairOn(ctx context.Context, tx pgx.Tx, c chunk) error {
+	m := v.Mapping
+	n := len(m.SourceKey)
+	srcWhere, tgtWhere := v.rangeCond(c)
+	args := append(keyArgs(c.lower, n), keyArgs(c.upper, n)...)
+	if _, err := tx.Exec(ctx, fmt.Sprintf("DELETE FROM ONLY %s AS t WHERE %s", m.Target.Quoted(), tgtWhere), args...); err != nil {
+		return fmt.Errorf("repair %s: %w", m.Target, err)
+	}
+	ins := fmt.Sprintf("%s WHERE %s %s", m.InsertSelect("ONLY "+m.Source.Quoted()), srcWhere, m.OnConflictDoNothing())
+	if _, err := tx.Exec(ctx, ins, args...); err != nil {
+		return fmt.Errorf("repair %s: %w", m.Target, err)
+	}
+	return nil
 }
 
 func keyArgs(k []string, n int) []any {

@@ -28,7 +28,34 @@ func newTestDB(t testing.TB) *testDB {
 	if os.Getenv("SHADOWCTL_TEST_LOG") != "" {
 		log = log.Level(zerolog.DebugLevel)
 	}
-	return &testDB{t: t, DSN: dsn, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), log)}
+	db := &testDB{t: t, DSN: dsn, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), log)}
+	// Issue 6, done-when 4: after every test, no replication slot and no
+	// publication of the tool's is left (and the database could not be
+	// dropped with a slot on it).
+	t.Cleanup(func() {
+		var slots, pubs int
+		_ = pool.QueryRow(context.Background(), `SELECT (SELECT count(*) FROM pg_replication_slots WHERE database = current_database()),
+			(SELECT count(*) FROM pg_publication)`).Scan(&slots, &pubs)
+		if slots != 0 || pubs != 0 {
+			t.Errorf("left behind: %d replication slots, %d publications", slots, pubs)
+			_, _ = pool.Exec(context.Background(), `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = current_database() AND NOT active`)
+		}
+	})
+	return db
+}
+
+// forEachSyncMode runs a lifecycle test once per sync mode.
+func forEachSyncMode(t *testing.T, fn func(t *testing.T, mode shadow.SyncMode)) {
+	for _, mode := range []shadow.SyncMode{shadow.SyncTrigger, shadow.SyncLogical} {
+		t.Run(string(mode), func(t *testing.T) { fn(t, mode) })
+	}
+}
+
+// toolTriggersOnBlue counts shadowctl's triggers on public.orders.
+func (db *testDB) toolTriggersOnBlue(ctx context.Context) int {
+	var n int
+	_ = db.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_trigger WHERE tgrelid = 'public.orders'::regclass AND tgname LIKE 'shadowctl%'`).Scan(&n)
+	return n
 }
 
 // exec runs SQL statements, failing the test on error.

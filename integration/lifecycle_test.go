@@ -2,27 +2,45 @@ package integration
 
 import (
 	"context"
+	"fmt"
 	"testing"
 
+	"github.com/shadowctl/shadowctl/backfill"
 	"github.com/shadowctl/shadowctl/shadow"
 )
 
 // Issue 4, done-when 1: 4 clients write through public.orders for the whole
 // start → cutover → rollback → cutover → finalize with zero errors, and the
 // final table equals exactly what they wrote.
+//
+// Every lifecycle test runs in both sync modes.
 func TestLifecycleUnderWorkload(t *testing.T) {
+	forEachSyncMode(t, testLifecycleUnderWorkload)
+}
+
+func testLifecycleUnderWorkload(t *testing.T, mode shadow.SyncMode) {
 	db := newTestDB(t)
 	db.createOrders(40000)
 	ctx := context.Background()
 	w := startWorkload(t, db.DSN, 4)
 	w.waitRunning()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2), ALTER COLUMN id TYPE bigint", BatchSize: 2000})
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2), ALTER COLUMN id TYPE bigint", BatchSize: 2000, Sync: mode})
 	if err != nil {
 		t.Fatal(err)
+	}
+	db.Runner.Failpoints.CopyBatch = func(ctx context.Context, _ backfill.Range) error {
+		// Issue 6, done-when 2: no trigger of the tool's on blue while copying in logical mode.
+		if n := db.toolTriggersOnBlue(ctx); mode == shadow.SyncLogical && n != 0 {
+			return fmt.Errorf("logical mode: %d tool triggers on blue during the copy", n)
+		} else if mode == shadow.SyncTrigger && n == 0 {
+			return fmt.Errorf("trigger mode: no sync trigger on blue during the copy")
+		}
+		return nil
 	}
 	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
 		t.Fatal(err)
 	}
+	db.Runner.Failpoints.CopyBatch = nil
 	step := func(name string, fn func() (*shadow.Migration, error), want shadow.Phase, serving string) {
 		t.Helper()
 		w.waitOps(100)

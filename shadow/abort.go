@@ -71,6 +71,11 @@ func (r *Runner) removeObjects(ctx context.Context, m *Migration) error {
 	if p == nil {
 		return nil // prepare never committed: nothing exists
 	}
+	if m.Sync == SyncLogical {
+		if err := r.removeLogical(ctx, m, slotNameFor(p)); err != nil {
+			return err
+		}
+	}
 	fwd := r.forwardSync(m)
 	if err := r.withShortLock(ctx, m, "remove the sync triggers from "+m.Table.String(), func(tx pgx.Tx) error {
 		return sync.Exec(ctx, tx, fwd.DropTriggersSQL())

@@ -42,7 +42,13 @@ type Request struct {
 	MaxExtraStorage  int64             `json:"max_extra_storage,omitempty" yaml:"-"`
 	MaxExtraStorageS string            `json:"-" yaml:"max_extra_storage,omitempty"`
 	LockTimeout      time.Duration     `json:"lock_timeout,omitempty" yaml:"-"`
+	// MaxRetainedWAL stops a logical sync whose slot holds more WAL (bytes).
+	MaxRetainedWAL  int64  `json:"max_retained_wal,omitempty" yaml:"-"`
+	MaxRetainedWALS string `json:"-" yaml:"max_retained_wal,omitempty"`
 }
+
+// DefaultMaxRetainedWAL bounds the WAL a logical sync's slot may pin.
+const DefaultMaxRetainedWAL = 16 << 30
 
 // Defaults.
 const (
@@ -84,6 +90,16 @@ func (r *Request) Normalize() error {
 			return err
 		}
 		r.MaxExtraStorage = n
+	}
+	if r.MaxRetainedWALS != "" && r.MaxRetainedWAL == 0 {
+		n, err := ParseBytes(r.MaxRetainedWALS)
+		if err != nil {
+			return err
+		}
+		r.MaxRetainedWAL = n
+	}
+	if r.MaxRetainedWAL <= 0 {
+		r.MaxRetainedWAL = DefaultMaxRetainedWAL
 	}
 	if r.ID != "" && !validID.MatchString(r.ID) {
 		return fmt.Errorf("%w: --name %q: use 1-48 letters, digits, '-', '_' or '.'", ErrBadRequest, r.ID)

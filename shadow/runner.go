@@ -45,6 +45,8 @@ type Runner struct {
 	// SyncSetupTimeout bounds how long installing or removing the sync may
 	// keep retrying its short lock.
 	SyncSetupTimeout time.Duration
+
+	slots slotRegistry
 }
 
 // NewRunner returns a runner over the catalog cat.
@@ -84,6 +86,11 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 	}
 	if req.ID == "" {
 		req.ID = newID(name.Name)
+	}
+	if req.Sync == SyncLogical {
+		if err := r.preflightLogical(ctx, blue); err != nil {
+			return nil, err
+		}
 	}
 	// Preflight: build green for real in a transaction that is rolled back.
 	if err := r.dryRun(ctx, req, blue); err != nil {
@@ -229,6 +236,12 @@ func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
 		msg += " (SQLSTATE " + code + ")"
 	}
 	r.Log.Error().Str("migration", m.ID).Str("phase", string(m.Phase)).Err(stepErr).Msg("migration failed")
+	if m.logical() {
+		// Nobody reads the slot of a failed migration: never leave it pinning WAL.
+		if err := r.removeLogical(ctx, m, ""); err != nil {
+			r.Log.Error().Err(err).Msg("could not drop the replication slot")
+		}
+	}
 	if errors.Is(stepErr, backfill.ErrBadRow) || isBadRequest(stepErr) {
 		if err := r.abort(ctx, m.ID, msg, nil); err != nil {
 			return fmt.Errorf("%s; and the cleanup failed: %v (run `shadowctl abort %s`)", msg, err, m.ID)
@@ -274,6 +287,9 @@ func (r *Runner) prepare(ctx context.Context, m *Migration) error {
 		if err := r.afterPhase(ctx, Preparing); err != nil {
 			return err
 		}
+	}
+	if m.logical() {
+		return r.prepareLogical(ctx, m)
 	}
 	trig := r.forwardSync(m)
 	return r.withShortLock(ctx, m, "install the sync triggers on "+m.Table.String(), func(tx pgx.Tx) error {
@@ -340,7 +356,22 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 		Failpoint:   r.Failpoints.CopyBatch,
 	}
 	c.MaxRowsPerSecond.Store(int64(m.Request.MaxRowsPerSecond))
+	if m.logical() {
+		if sl := r.slots.get(m.ID); sl != nil {
+			c.Snapshot = sl.Snapshot
+		} else {
+			// Resumed in another process: the exported snapshot is gone. The
+			// rest is copied from current data and the stream, replayed from
+			// the slot's start, converges green (its apply is idempotent).
+			c.NoLock = true
+		}
+	}
 	c.Gate = func(ctx context.Context) error {
+		if m.logical() && m.State.Slot != "" {
+			if err := sync.CheckRetainedWAL(ctx, r.Pool, m.State.Slot, m.Request.MaxRetainedWAL); err != nil {
+				return err
+			}
+		}
 		cur, err := r.Store.Get(ctx, r.Pool, m.ID)
 		if err != nil {
 			return err
@@ -365,9 +396,13 @@ func (r *Runner) copy(ctx context.Context, m *Migration) error {
 	}
 	start := time.Now()
 	c := r.copier(m)
+	if c.NoLock && m.logical() {
+		r.Log.Warn().Str("migration", m.ID).Msg("the slot's snapshot is gone (the copy was resumed in a new process): copying the rest from current data; the stream's replay converges green")
+	}
 	if err := c.Run(ctx, ranges, rangeCheckpointer{s: r.Store, id: m.ID}); err != nil {
 		return err
 	}
+	r.slots.close(ctx, m.ID) // the snapshot is no longer needed
 	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("bulk copy done")
 	if !m.State.IndexesBuilt {
 		if err := r.buildDeferred(ctx, m); err != nil {
@@ -454,6 +489,14 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 // differ; a difference that persists fails the migration.
 func (r *Runner) verify(ctx context.Context, m *Migration) error {
 	v := r.verifier(m)
+	if m.logical() {
+		stop := r.ensureFollower(ctx, m)
+		defer stop()
+		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 30*time.Second) }
+		// Smaller chunks: with an asynchronous sync a chunk that is written
+		// to while compared is compared again, so hot chunks should be small.
+		v.ChunkRows = 5000
+	}
 	res, err := v.Run(ctx)
 	if serr := r.Store.SaveVerify(ctx, r.Pool, m.ID, res); serr != nil && err == nil {
 		err = serr

@@ -58,6 +58,12 @@ type State struct {
 	LastCutover *SwapRecord `json:"last_cutover,omitempty"`
 	// Serving says which side serves the application: "blue" or "green".
 	Serving string `json:"serving,omitempty"`
+	// Slot and Publication name the logical sync's objects (logical mode,
+	// until the first cutover; afterwards every sync is by triggers).
+	Slot        string `json:"slot,omitempty"`
+	Publication string `json:"publication,omitempty"`
+	// LogicalDone is set once the logical sync has been replaced by triggers.
+	LogicalDone bool `json:"logical_done,omitempty"`
 }
 
 // SwapRecord is one successful swap (cutover or rollback).

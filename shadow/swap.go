@@ -25,7 +25,13 @@ type CutoverOptions struct {
 	OnAttempt           func(cutover.Attempt)
 	// BeforeCommit is a test failpoint just before the swap's COMMIT.
 	BeforeCommit func(ctx context.Context, tx pgx.Tx) error
+	// MaxCutoverStall bounds, in logical mode, how long writes to blue wait
+	// while the stream drains; past it the attempt is released and retried.
+	MaxCutoverStall time.Duration
 }
+
+// DefaultMaxCutoverStall is the logical drain budget of a cutover attempt.
+const DefaultMaxCutoverStall = 2 * time.Second
 
 func (o CutoverOptions) swapOptions(r *Runner, id string) cutover.SwapOptions {
 	d := o.Deadline
@@ -39,6 +45,7 @@ func (o CutoverOptions) swapOptions(r *Runner, id string) cutover.SwapOptions {
 	return cutover.SwapOptions{
 		LockTimeout: lt, Deadline: time.Now().Add(d), CancelBlockersAfter: o.CancelBlockersAfter,
 		BeforeCommit: o.BeforeCommit, Log: r.Log.With().Str("migration", id).Logger(),
+		Retryable:    func(err error) bool { return errors.Is(err, ErrSyncStalled) },
 		OnAttempt: func(a cutover.Attempt) {
 			var bs []string
 			for _, b := range a.Blockers {
@@ -123,6 +130,12 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		return m, fmt.Errorf("migration %s is %s; a cutover needs ready or rolled_back: %w", id, m.Phase, ErrWrongPhase)
 	}
 	prev := m.Phase
+	logical := m.logical()
+	stopFollower := func() {}
+	if logical {
+		stopFollower = r.ensureFollower(ctx, m)
+		defer func() { stopFollower() }()
+	}
 	if err := r.Store.SetPhase(ctx, r.Pool, id, []Phase{prev}, CuttingOver, ""); err != nil {
 		return m, err
 	}
@@ -133,8 +146,42 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 	for _, fk := range p.Blue.InboundFKs {
 		relations = append(relations, pgsql.QualifiedName{Schema: fk.Schema, Name: fk.Table})
 	}
+	lockFirst, lockAfterDrain := relations, []pgsql.QualifiedName(nil)
+	if logical {
+		// Blue first; green only after the stream has drained into it.
+		lockFirst, lockAfterDrain = relations[:1], relations[1:]
+	}
+	stall := opts.MaxCutoverStall
+	if stall <= 0 {
+		stall = DefaultMaxCutoverStall
+	}
+	if logical {
+		// Drain the backlog before taking any lock, so that under the lock
+		// only the last moments' changes are left to apply.
+		if err := r.catchUp(ctx, m, 5*time.Minute); err != nil {
+			_ = r.Store.SetPhase(context.WithoutCancel(ctx), r.Pool, id, []Phase{CuttingOver}, prev, "")
+			return m, fmt.Errorf("cutover of %s: %w", id, err)
+		}
+	}
 	fwd, rev := r.forwardSync(m), r.reverseSync(m)
-	res, err := cutover.Swap(ctx, r.Pool, relations, func(ctx context.Context, tx pgx.Tx) error {
+	res, err := cutover.Swap(ctx, r.Pool, lockFirst, func(ctx context.Context, tx pgx.Tx) error {
+		if logical {
+			// Blue takes no writes now: mark the WAL and let green apply
+			// everything before the mark, within the stall budget.
+			if err := r.catchUp(ctx, m, stall); err != nil {
+				return err
+			}
+			for _, rel := range lockAfterDrain {
+				if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+					return fmt.Errorf("lock %s: %w", rel, err)
+				}
+			}
+			// Blue's changes from now on come from the reverse sync: stop
+			// publishing them.
+			if _, err := tx.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgsql.Ident(m.State.Publication)); err != nil {
+				return err
+			}
+		}
 		stmts := fwd.DropTriggersSQL()
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", m.Table.Quoted(), pgsql.Ident(parked.Name)))
 		stmts = append(stmts, viewSQL(m.Table, p.Green, p.Blue)...)
@@ -149,7 +196,15 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		}
 		return r.recordServing(ctx, tx, m, CuttingOver, CutOver, "green")
 	}, opts.swapOptions(r, id))
-	return r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs)
+	m2, err := r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs)
+	if logical && err == nil {
+		stopFollower()
+		stopFollower = func() {}
+		if rerr := r.removeLogical(context.WithoutCancel(ctx), m, ""); rerr != nil {
+			r.Log.Error().Err(rerr).Msg("could not drop the replication slot after the cutover; drop it by hand")
+		}
+	}
+	return m2, err
 }
 
 // recordServing writes the swap's new phase and serving side inside the swap
@@ -157,6 +212,9 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 func (r *Runner) recordServing(ctx context.Context, tx pgx.Tx, m *Migration, from, to Phase, serving string) error {
 	st := m.State
 	st.Serving = serving
+	if to == CutOver {
+		st.LogicalDone = true // every later sync is by triggers
+	}
 	if err := r.Store.SaveState(ctx, tx, m.ID, st); err != nil {
 		return err
 	}
@@ -187,6 +245,9 @@ func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev
 		r.Log.Warn().Str("migration", m.ID).Msg("the swap had committed after all")
 	}
 	m.State.Serving = serving
+	if to == CutOver {
+		m.State.LogicalDone = true
+	}
 	m.State.LastCutover = &SwapRecord{Kind: kind, At: time.Now().UTC(), Attempts: res.Attempts,
 		LockWaitMS: float64(res.LockWait.Microseconds()) / 1000, LockHoldMS: float64(res.LockHold.Microseconds()) / 1000}
 	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {

@@ -165,7 +165,12 @@ func NewDatabase(t testing.TB) string {
 func NewPool(t testing.TB) (*pgxpool.Pool, string) {
 	t.Helper()
 	dsn := NewDatabase(t)
-	pool, err := pgxpool.New(context.Background(), dsn)
+	cfg, err := pgxpool.ParseConfig(dsn)
+	if err != nil {
+		t.Fatalf("pgtest: pool: %v", err)
+	}
+	cfg.MaxConns = 20 // like the CLI's pools: the runner, the sync and the verifier share it
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
 	if err != nil {
 		t.Fatalf("pgtest: pool: %v", err)
 	}

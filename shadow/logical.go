@@ -1,0 +1,300 @@
+package shadow
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	gosync "sync"
+	"time"
+
+	"github.com/jackc/pglogrepl"
+	"github.com/jackc/pgx/v5"
+	"github.com/shadowctl/shadowctl/backfill"
+	"github.com/shadowctl/shadowctl/internal/pgmeta"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/sync"
+)
+
+// Preflight refusals of the logical sync, each named with its fix.
+var (
+	ErrLogicalUnavailable = errors.New("logical sync is not possible here")
+	ErrSyncStalled        = errors.New("the logical sync did not catch up in time")
+)
+
+// logical reports whether green is kept current by the logical sync now: from
+// preparing until the first cutover (every later sync uses triggers).
+func (m *Migration) logical() bool { return m.Sync == SyncLogical && !m.State.LogicalDone }
+
+func slotNameFor(p *Plan) string { return "shadowctl_" + p.Names.Base }
+
+// slots holds the exporting connections of slots created by this process,
+// whose snapshots the copy reads in.
+type slotRegistry struct {
+	mu    gosync.Mutex
+	slots map[string]*sync.Slot
+}
+
+func (s *slotRegistry) put(id string, sl *sync.Slot) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.slots == nil {
+		s.slots = map[string]*sync.Slot{}
+	}
+	s.slots[id] = sl
+}
+
+func (s *slotRegistry) get(id string) *sync.Slot {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.slots[id]
+}
+
+func (s *slotRegistry) close(ctx context.Context, id string) {
+	s.mu.Lock()
+	sl := s.slots[id]
+	delete(s.slots, id)
+	s.mu.Unlock()
+	sl.Close(ctx)
+}
+
+// preflightLogical names each missing precondition with its fix.
+func (r *Runner) preflightLogical(ctx context.Context, blue *pgmeta.Table) error {
+	var walLevel string
+	var freeSlots, replident int
+	var canReplicate, owner bool
+	err := r.Pool.QueryRow(ctx, `SELECT current_setting('wal_level'),
+		current_setting('max_replication_slots')::int - (SELECT count(*) FROM pg_replication_slots),
+		(SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user)::bool,
+		pg_has_role(current_user, (SELECT relowner FROM pg_class WHERE oid = $1), 'USAGE'),
+		(SELECT CASE relreplident WHEN 'd' THEN 0 WHEN 'i' THEN 1 WHEN 'f' THEN 2 ELSE 3 END FROM pg_class WHERE oid = $1)`, blue.OID).
+		Scan(&walLevel, &freeSlots, &canReplicate, &owner, &replident)
+	if err != nil {
+		return fmt.Errorf("logical sync preflight: %w", err)
+	}
+	var problems []string
+	if walLevel != "logical" {
+		problems = append(problems, fmt.Sprintf("wal_level is %s: set wal_level = logical and restart PostgreSQL", walLevel))
+	}
+	if freeSlots < 1 {
+		problems = append(problems, "no free replication slot: raise max_replication_slots (restart) or drop an unused slot")
+	}
+	if !canReplicate {
+		problems = append(problems, "the role lacks REPLICATION: ALTER ROLE <role> REPLICATION")
+	}
+	if !owner {
+		problems = append(problems, fmt.Sprintf("the role does not own %s (CREATE PUBLICATION needs it)", blue.QName()))
+	}
+	isPK := false
+	for _, ix := range blue.Indexes {
+		if ix.Primary && ix.Name == blue.KeyIndex {
+			isPK = true
+		}
+	}
+	if replident == 3 || (replident == 0 && !isPK) {
+		problems = append(problems, fmt.Sprintf("%s's replica identity does not carry its key %v: ALTER TABLE %s REPLICA IDENTITY USING INDEX %s",
+			blue.QName(), blue.Key, blue.QName(), pgsql.Ident(blue.KeyIndex)))
+	}
+	if len(problems) > 0 {
+		return fmt.Errorf("%w: %v", ErrLogicalUnavailable, problems)
+	}
+	return nil
+}
+
+// prepareLogical creates the publication and the slot (exporting the
+// snapshot the copy reads in), records the starting position and the copy's
+// ranges, and moves to copying. Repeatable: a half-done attempt's slot is
+// dropped and made again (nothing was copied yet).
+func (r *Runner) prepareLogical(ctx context.Context, m *Migration) error {
+	p := m.State.Plan
+	name := slotNameFor(p)
+	if err := r.removeLogical(ctx, m, name); err != nil {
+		return err
+	}
+	err := r.withShortLock(ctx, m, "create the publication for "+m.Table.String(), func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, fmt.Sprintf("CREATE PUBLICATION %s FOR TABLE %s", pgsql.Ident(name), m.Table.Quoted()))
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	slot, err := sync.CreateSlot(ctx, sync.ReplicationConfig(r.ConnConfig), name)
+	if err != nil {
+		return fmt.Errorf("%w (the migration can be resumed or aborted)", err)
+	}
+	r.slots.put(m.ID, slot)
+	m.State.Slot, m.State.Publication = name, name
+	return pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, `INSERT INTO `+r.Store.Cat.T("sync_positions")+` (migration_id, slot_name, applied_lsn)
+			VALUES ($1, $2, $3::text::pg_lsn) ON CONFLICT (migration_id) DO UPDATE SET slot_name = EXCLUDED.slot_name, applied_lsn = EXCLUDED.applied_lsn, updated_at = now()`,
+			m.ID, name, slot.ConsistentPoint.String()); err != nil {
+			return err
+		}
+		ranges, err := r.copier(m).SplitRanges(ctx, tx, max(m.Request.Workers*4, 1))
+		if err != nil {
+			return err
+		}
+		if err := r.Store.InitRanges(ctx, tx, m.ID, ranges); err != nil {
+			return err
+		}
+		if err := r.Store.SaveState(ctx, tx, m.ID, m.State); err != nil {
+			return err
+		}
+		return r.Store.SetPhase(ctx, tx, m.ID, []Phase{Preparing}, Copying, "")
+	})
+}
+
+// applier builds the logical applier of a migration.
+func (r *Runner) applier(m *Migration) *sync.Applier {
+	p := m.State.Plan
+	cat := r.Store.Cat
+	return &sync.Applier{
+		ReplConfig: sync.ReplicationConfig(r.ConnConfig), Pool: r.Pool, Slot: m.State.Slot, Publication: m.State.Publication,
+		Mapping: p.Forward, SourceColumns: p.Blue.Columns, MaxRetainedWAL: m.Request.MaxRetainedWAL,
+		Log: r.Log.With().Str("migration", m.ID).Logger(),
+		LoadPosition: func(ctx context.Context) (pglogrepl.LSN, error) {
+			var s string
+			if err := r.Pool.QueryRow(ctx, `SELECT applied_lsn::text FROM `+cat.T("sync_positions")+` WHERE migration_id = $1`, m.ID).Scan(&s); err != nil {
+				return 0, fmt.Errorf("read the sync position: %w", err)
+			}
+			return pglogrepl.ParseLSN(s)
+		},
+		SavePosition: func(ctx context.Context, tx pgx.Tx, lsn pglogrepl.LSN, at time.Time) error {
+			_, err := tx.Exec(ctx, `UPDATE `+cat.T("sync_positions")+` SET applied_lsn = greatest(applied_lsn, $2::text::pg_lsn), applied_at = $3, updated_at = now() WHERE migration_id = $1`,
+				m.ID, lsn.String(), at)
+			return err
+		},
+	}
+}
+
+// Follow applies the logical stream until ctx ends or the migration leaves
+// the phases that need it. Transient errors restart the stream with backoff;
+// a TRUNCATE, DDL on blue or the WAL limit fail the migration (and drop the
+// slot, so no WAL stays pinned).
+func (r *Runner) Follow(ctx context.Context, id string) error {
+	for attempt := 0; ; attempt++ {
+		m, err := r.Store.Get(ctx, r.Pool, id)
+		if err != nil {
+			return err
+		}
+		if !m.logical() || (m.Phase != Verifying && m.Phase != Ready && m.Phase != CuttingOver && m.Phase != Copying) {
+			return nil
+		}
+		if m.Phase == Copying {
+			return fmt.Errorf("migration %s is still copying: the stream is applied after the copy", id)
+		}
+		runCtx, cancel := context.WithCancel(ctx)
+		done := make(chan struct{})
+		go func() { // stop when the migration moves on (cutover, abort)
+			defer close(done)
+			t := time.NewTicker(500 * time.Millisecond)
+			defer t.Stop()
+			for {
+				select {
+				case <-runCtx.Done():
+					return
+				case <-t.C:
+					cur, err := r.Store.Get(runCtx, r.Pool, id)
+					if err == nil && (!cur.logical() || cur.Phase.Terminal() || cur.Phase == Failed || cur.Phase == Aborting) {
+						cancel()
+						return
+					}
+				}
+			}
+		}()
+		err = r.applier(m).Run(runCtx)
+		cancel()
+		<-done
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		if errors.Is(err, sync.ErrTruncate) || errors.Is(err, sync.ErrRelationChanged) || errors.Is(err, sync.ErrWALLimit) {
+			return r.fail(context.WithoutCancel(ctx), m, err)
+		}
+		cur, gerr := r.Store.Get(ctx, r.Pool, id)
+		if gerr == nil && !cur.logical() {
+			return nil
+		}
+		r.Log.Warn().Err(err).Str("migration", id).Int("attempt", attempt+1).Msg("logical sync interrupted; restarting it")
+		if err := backfill.Backoff(ctx, attempt, 200*time.Millisecond, 10*time.Second); err != nil {
+			return err
+		}
+	}
+}
+
+// catchUp marks the current end of the WAL and waits until green has applied
+// everything before the mark, at most budget.
+//
+// The mark is a transactional message committed with synchronous_commit on,
+// in its own transaction: its commit flushes the WAL up to it (the WAL sender
+// only decodes flushed WAL), and it comes after every transaction that
+// committed before it — in particular, once the caller holds a lock that
+// keeps writers off blue, after every write to blue.
+func (r *Runner) catchUp(ctx context.Context, m *Migration, budget time.Duration) error {
+	var mark string
+	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
+			return err
+		}
+		return tx.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, $2)::text`, sync.MarkerPrefix, m.ID).Scan(&mark)
+	})
+	if err != nil {
+		return fmt.Errorf("mark the WAL: %w", err)
+	}
+	start := time.Now()
+	deadline := start.Add(budget)
+	defer func() { r.Log.Debug().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("caught up") }()
+	for {
+		var done bool
+		if err := r.Pool.QueryRow(ctx, `SELECT applied_lsn >= $2::text::pg_lsn FROM `+r.Store.Cat.T("sync_positions")+` WHERE migration_id = $1`, m.ID, mark).Scan(&done); err != nil {
+			return fmt.Errorf("read the sync position: %w", err)
+		}
+		if done {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%w: green had not applied up to %s within %s", ErrSyncStalled, mark, budget)
+		}
+		if err := backfill.Backoff(ctx, 0, 2*time.Millisecond, 4*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// ensureFollower starts an applier in this process unless another process
+// reads the slot; the returned stop ends it.
+func (r *Runner) ensureFollower(ctx context.Context, m *Migration) (stop func()) {
+	var active bool
+	_ = r.Pool.QueryRow(ctx, `SELECT coalesce((SELECT active FROM pg_replication_slots WHERE slot_name = $1), false)`, m.State.Slot).Scan(&active)
+	if active {
+		return func() {}
+	}
+	fctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := r.Follow(fctx, m.ID); err != nil && fctx.Err() == nil {
+			r.Log.Error().Err(err).Str("migration", m.ID).Msg("logical sync stopped")
+		}
+	}()
+	return func() { cancel(); <-done }
+}
+
+// removeLogical drops the slot, the publication and the position. Each step
+// tolerates objects already gone.
+func (r *Runner) removeLogical(ctx context.Context, m *Migration, name string) error {
+	if name == "" {
+		name = m.State.Slot
+	}
+	if name == "" {
+		return nil
+	}
+	r.slots.close(ctx, m.ID)
+	if err := sync.DropSlot(ctx, r.Pool, name); err != nil {
+		return err
+	}
+	if _, err := r.Pool.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgsql.Ident(name)); err != nil {
+		return fmt.Errorf("drop publication %s: %w", name, err)
+	}
+	_, err := r.Pool.Exec(ctx, `DELETE FROM `+r.Store.Cat.T("sync_positions")+` WHERE migration_id = $1`, m.ID)
+	return err
+}
