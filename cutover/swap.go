@@ -68,7 +68,7 @@ type SwapOptions struct {
 	// Retryable, when set, marks more errors of the body as worth another
 	// attempt (besides lock timeouts, deadlocks and serialization failures).
 	Retryable func(error) bool
-	Log          zerolog.Logger
+	Log       zerolog.Logger
 }
 
 // SwapResult measures a successful swap.

@@ -45,7 +45,7 @@ func (o CutoverOptions) swapOptions(r *Runner, id string) cutover.SwapOptions {
 	return cutover.SwapOptions{
 		LockTimeout: lt, Deadline: time.Now().Add(d), CancelBlockersAfter: o.CancelBlockersAfter,
 		BeforeCommit: o.BeforeCommit, Log: r.Log.With().Str("migration", id).Logger(),
-		Retryable:    func(err error) bool { return errors.Is(err, ErrSyncStalled) },
+		Retryable: func(err error) bool { return errors.Is(err, ErrSyncStalled) },
 		OnAttempt: func(a cutover.Attempt) {
 			var bs []string
 			for _, b := range a.Blockers {

@@ -11,7 +11,6 @@ import (
 	"gopkg.in/yaml.v3"
 )
 
-
 type workflow struct {
 	Name string                 `yaml:"name"`
 	On   map[string]any         `yaml:"on"`
