@@ -1,6 +1,7 @@
 package shadow
 
 import (
+	"context"
 	"encoding/json"
 	"time"
 )
@@ -27,6 +28,22 @@ type Status struct {
 	PhaseSince    time.Time       `json:"phase_since"`
 	CutOverAt     *time.Time      `json:"cut_over_at"`
 	Alter         string          `json:"alter"`
+	// SyncLagBytes and SyncLagSeconds: how far green trails blue (logical
+	// sync only; null otherwise).
+	SyncLagBytes   *int64   `json:"sync_lag_bytes"`
+	SyncLagSeconds *float64 `json:"sync_lag_seconds"`
+}
+
+// WithSyncLag fills the logical sync's lag from the catalog and the server.
+func (s *Store) WithSyncLag(ctx context.Context, st *Status) {
+	var bytes int64
+	var secs float64
+	err := s.Pool.QueryRow(ctx, `SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), applied_lsn)::bigint,
+		CASE WHEN pg_wal_lsn_diff(pg_current_wal_lsn(), applied_lsn) > 1024 THEN extract(epoch FROM now() - coalesce(applied_at, updated_at)) ELSE 0 END::float8
+		FROM `+s.Cat.T("sync_positions")+` WHERE migration_id = $1`, st.ID).Scan(&bytes, &secs)
+	if err == nil {
+		st.SyncLagBytes, st.SyncLagSeconds = &bytes, &secs
+	}
 }
 
 // StatusOf summarises a migration for people and programs.

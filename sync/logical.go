@@ -399,10 +399,10 @@ func (a *Applier) checkRelation(m *pglogrepl.RelationMessage) error {
 	}
 	var got, want []string
 	for _, c := range m.Columns {
-		got = append(got, c.Name)
+		got = append(got, fmt.Sprintf("%s:%d:%d", c.Name, c.DataType, c.TypeModifier))
 	}
 	for _, c := range a.SourceColumns {
-		want = append(want, c.Name)
+		want = append(want, fmt.Sprintf("%s:%d:%d", c.Name, c.TypeOID, c.TypeMod))
 	}
 	if strings.Join(got, ",") != strings.Join(want, ",") {
 		return fmt.Errorf("%w: columns are now (%s), were (%s); abort this migration and start again", ErrRelationChanged, strings.Join(got, ", "), strings.Join(want, ", "))
@@ -438,19 +438,24 @@ func (a *Applier) queue(b *pgx.Batch, m pglogrepl.Message) error {
 // taken from green's copy when a green column carries that blue column as it
 // is, else from blue's current row.
 func (a *Applier) sourceRow(t *pglogrepl.TupleData, keyOnly bool) (string, []any) {
-	var cols []string
 	var args []any
+	param := make([]int, len(a.SourceColumns)) // 1-based parameter of each text value
 	keyVals := map[string]int{}
+	for i, c := range a.SourceColumns {
+		if i < len(t.Columns) && t.Columns[i].DataType == pglogrepl.TupleDataTypeText {
+			args = append(args, string(t.Columns[i].Data))
+			param[i] = len(args)
+			keyVals[c.Name] = len(args)
+		}
+	}
+	var cols []string
 	for i, c := range a.SourceColumns {
 		if i >= len(t.Columns) {
 			break
 		}
-		td := t.Columns[i]
-		switch td.DataType {
+		switch t.Columns[i].DataType {
 		case pglogrepl.TupleDataTypeText:
-			args = append(args, string(td.Data))
-			cols = append(cols, fmt.Sprintf("$%d::text::%s AS %s", len(args), c.Type, pgsql.Ident(c.Name)))
-			keyVals[c.Name] = len(args)
+			cols = append(cols, fmt.Sprintf("$%d::text::%s AS %s", param[i], c.Type, pgsql.Ident(c.Name)))
 		case pglogrepl.TupleDataTypeNull:
 			if keyOnly {
 				continue
@@ -463,9 +468,8 @@ func (a *Applier) sourceRow(t *pglogrepl.TupleData, keyOnly bool) (string, []any
 	return "(SELECT " + strings.Join(cols, ", ") + ")", args
 }
 
-// unchangedValue is SQL for the current value of an unchanged TOASTed column.
-// Key columns come before others in no particular order, so the lookup uses
-// the key parameters already bound (keys are never TOASTed in practice).
+// unchangedValue is SQL for the current value of an unchanged TOASTed column,
+// found by the row's key (bound as parameters already).
 func (a *Applier) unchangedValue(c pgmeta.Column, keyVals map[string]int) string {
 	m := a.Mapping
 	var conds []string

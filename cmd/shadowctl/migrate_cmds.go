@@ -49,6 +49,24 @@ func init() {
 		},
 	})
 	register(&cli.Command{
+		Name:      "follow",
+		Usage:     "logical sync: apply blue's changes to green until interrupted or the migration moves on",
+		ArgsUsage: "ID",
+		Action: func(c *cli.Context) error {
+			id, err := oneID(c)
+			if err != nil {
+				return err
+			}
+			return withRunner(c, func(r *shadow.Runner) error {
+				err := r.Follow(c.Context, id)
+				if errors.Is(err, context.Canceled) {
+					return nil
+				}
+				return err
+			})
+		},
+	})
+	register(&cli.Command{
 		Name:      "abort",
 		Usage:     "remove everything a migration created (while blue serves) and mark it aborted",
 		ArgsUsage: "ID",
@@ -102,6 +120,7 @@ func startCommand() *cli.Command {
 			&cli.IntFlag{Name: "workers", Usage: "parallel copy workers (default 2)"},
 			&cli.StringFlag{Name: "max-extra-storage", Usage: "refuse when green would need more (e.g. 50GB)"},
 			&cli.DurationFlag{Name: "lock-timeout", Usage: "lock_timeout of every statement that locks the table (default 100ms)"},
+			&cli.StringFlag{Name: "max-retained-wal", Usage: "logical sync: stop and drop the slot when it pins more WAL (default 16GiB)"},
 			&cli.StringFlag{Name: "until", Value: "ready", Usage: "drive the migration up to this phase (pending: submit only)"},
 			&cli.BoolFlag{Name: "detach", Usage: "only record the migration for the daemon (same as --until pending)"},
 			&cli.StringFlag{Name: "name", Usage: "migration ID (default: <table>-<time>-<random>)"},
@@ -138,6 +157,9 @@ func startCommand() *cli.Command {
 					return err
 				}
 				fmt.Fprintf(c.App.Writer, "migration %s is %s\n", m.ID, m.Phase)
+				if m.Sync == shadow.SyncLogical && m.Phase == shadow.Ready {
+					fmt.Fprintf(c.App.Writer, "logical sync: green stays current only while a process applies the stream: run `shadowctl follow %s` or the daemon (the cutover also applies it)\n", m.ID)
+				}
 				return nil
 			})
 		},
@@ -162,6 +184,7 @@ func requestFromFlags(c *cli.Context) (shadow.Request, error) {
 	set("green-schema", &req.GreenSchema)
 	set("name", &req.ID)
 	set("max-extra-storage", &req.MaxExtraStorageS)
+	set("max-retained-wal", &req.MaxRetainedWALS)
 	if c.IsSet("sync") {
 		req.Sync = shadow.SyncMode(c.String("sync"))
 	}
@@ -265,12 +288,14 @@ func statusCommand() *cli.Command {
 				}
 				now := time.Now()
 				if c.Bool("json") {
-					if c.NArg() > 0 {
-						return json.NewEncoder(c.App.Writer).Encode(shadow.StatusOf(ms[0], now))
-					}
 					out := []shadow.Status{}
 					for _, m := range ms {
-						out = append(out, shadow.StatusOf(m, now))
+						st := shadow.StatusOf(m, now)
+						r.Store.WithSyncLag(c.Context, &st)
+						out = append(out, st)
+					}
+					if c.NArg() > 0 {
+						return json.NewEncoder(c.App.Writer).Encode(out[0])
 					}
 					return json.NewEncoder(c.App.Writer).Encode(out)
 				}
@@ -278,7 +303,9 @@ func statusCommand() *cli.Command {
 					fmt.Fprintln(c.App.Writer, "no active migrations")
 				}
 				for _, m := range ms {
-					printStatus(c.App.Writer, shadow.StatusOf(m, now))
+					st := shadow.StatusOf(m, now)
+					r.Store.WithSyncLag(c.Context, &st)
+					printStatus(c.App.Writer, st)
 				}
 				return nil
 			})
@@ -299,6 +326,9 @@ func printStatus(w io.Writer, s shadow.Status) {
 		fmt.Fprintf(w, ", ETA %s", (time.Duration(*s.ETASeconds) * time.Second).String())
 	}
 	fmt.Fprintln(w)
+	if s.SyncLagBytes != nil {
+		fmt.Fprintf(w, "  sync lag:  %d bytes, %.1f s\n", *s.SyncLagBytes, *s.SyncLagSeconds)
+	}
 	if string(s.Verify) != "null" {
 		fmt.Fprintf(w, "  verified:  %s\n", s.Verify)
 	}

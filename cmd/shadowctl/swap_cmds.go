@@ -14,6 +14,7 @@ func swapFlags() []cli.Flag {
 		&cli.DurationFlag{Name: "lock-timeout", Value: 100 * time.Millisecond, Usage: "longest wait in the lock queue per attempt (the longest stall the application can see)"},
 		&cli.DurationFlag{Name: "deadline", Value: 5 * time.Minute, Usage: "give up retrying after this long (the database stays as it was)"},
 		&cli.DurationFlag{Name: "cancel-blockers-after", Usage: "after this long, cancel the sessions that block the swap (off unless given)"},
+		&cli.DurationFlag{Name: "max-cutover-stall", Value: 2 * time.Second, Usage: "logical sync: longest time writes wait while the stream drains; past it the attempt is released and retried"},
 	}
 }
 
@@ -21,6 +22,7 @@ func swapOptionsFrom(c *cli.Context) shadow.CutoverOptions {
 	log := logger(c)
 	return shadow.CutoverOptions{
 		LockTimeout: c.Duration("lock-timeout"), Deadline: c.Duration("deadline"), CancelBlockersAfter: c.Duration("cancel-blockers-after"),
+		MaxCutoverStall: c.Duration("max-cutover-stall"),
 		OnAttempt: func(a cutover.Attempt) {
 			ev := log.Warn().Int("attempt", a.No).Str("error", a.Err)
 			for i, b := range a.Blockers {

@@ -27,6 +27,8 @@ type Column struct {
 	Generated bool   `json:"generated,omitempty"` // STORED generated column: never inserted
 	Identity  string `json:"identity,omitempty"`  // 'a' (ALWAYS), 'd' (BY DEFAULT) or ""
 	Collation string `json:"collation,omitempty"`
+	TypeOID   uint32 `json:"type_oid"`
+	TypeMod   int32  `json:"type_mod"`
 }
 
 // Index is one index of the table.
@@ -241,7 +243,7 @@ func Load(ctx context.Context, q pgsql.Querier, schema, name string) (*Table, er
 
 func (t *Table) loadColumns(ctx context.Context, q pgsql.Querier) error {
 	rows, err := q.Query(ctx, `
-		SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+		SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod, a.attnotnull,
 		       coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attgenerated = 's', a.attidentity::text,
 		       coalesce(CASE WHEN a.attcollation <> t.typcollation THEN (SELECT quote_ident(nspname)||'.'||quote_ident(collname) FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace WHERE co.oid = a.attcollation) END, '')
 		  FROM pg_attribute a
@@ -255,7 +257,7 @@ func (t *Table) loadColumns(ctx context.Context, q pgsql.Querier) error {
 	defer rows.Close()
 	for rows.Next() {
 		var c Column
-		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.NotNull, &c.Default, &c.Generated, &c.Identity, &c.Collation); err != nil {
+		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.TypeOID, &c.TypeMod, &c.NotNull, &c.Default, &c.Generated, &c.Identity, &c.Collation); err != nil {
 			return err
 		}
 		t.Columns = append(t.Columns, c)
