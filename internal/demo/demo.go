@@ -187,7 +187,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 
 	say(out, "▸ creating customers (%d rows) and orders (%d rows, indexes on customer_id and created_at)", cfg.Customers, cfg.Rows)
 	t := time.Now()
-	if err := seed(ctx, pool, cfg.Rows, cfg.Customers); err != nil {
+	if err := Seed(ctx, pool, cfg.Rows, cfg.Customers); err != nil {
 		return nil, err
 	}
 	rep.SeedTook = time.Since(t)
@@ -267,7 +267,7 @@ func (d *driver) scenario(ctx context.Context) error {
 		BatchSize: d.cfg.BatchSize, Workers: d.cfg.Workers,
 	}
 	say(d.out, "▸ shadowctl start --table public.orders --alter %q --map 'customer_email=%s'", scenarioAlter, emailMapping)
-	d.load.SetPhase("start → ready")
+	d.load.SetPhase("start: submit")
 	t := time.Now()
 	m, err := d.runner.Submit(ctx, req)
 	if err != nil {
@@ -417,19 +417,23 @@ func (d *driver) phaseTimes(ctx context.Context) ([]Step, error) {
 func (d *driver) progress(ctx context.Context, m *shadow.Migration) func() {
 	var copied atomic.Int64
 	d.runner.Progress = func(_ string, n int64) { copied.Add(n) }
+	// The phase is polled often, so that the load's measurements split at
+	// the phase changes; the line is printed every `every`.
+	const poll = 200 * time.Millisecond
 	every := d.cfg.ProgressEvery
 	if d.cfg.Live {
-		every = 500 * time.Millisecond
+		every = 600 * time.Millisecond
 	}
 	ctx, cancel := context.WithCancel(ctx)
 	done := make(chan struct{})
 	go func() {
 		defer close(done)
-		tk := time.NewTicker(every)
+		tk := time.NewTicker(poll)
 		defer tk.Stop()
 		start := time.Now()
 		phase := string(m.Phase)
 		lastOps, lastAt := d.load.Ops(), time.Now()
+		d.load.SetPhase("start: " + phase)
 		for {
 			select {
 			case <-ctx.Done():
@@ -439,8 +443,12 @@ func (d *driver) progress(ctx context.Context, m *shadow.Migration) func() {
 				return
 			case <-tk.C:
 			}
-			if cur, err := d.runner.Store.Get(ctx, d.runner.Pool, m.ID); err == nil {
+			if cur, err := d.runner.Store.Get(ctx, d.runner.Pool, m.ID); err == nil && string(cur.Phase) != phase {
 				phase = string(cur.Phase)
+				d.load.SetPhase("start: " + phase)
+			}
+			if time.Since(lastAt) < every {
+				continue
 			}
 			n := copied.Load()
 			rate := float64(n) / time.Since(start).Seconds()

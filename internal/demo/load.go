@@ -54,7 +54,9 @@ type PhaseStats struct {
 	Name       string
 	Start, End time.Time
 	ops, errs  atomic.Int64
-	maxLatNS   atomic.Int64
+	mu         sync.Mutex
+	maxLat     time.Duration
+	maxOp      string
 }
 
 // Ops is the number of successful operations.
@@ -64,7 +66,18 @@ func (p *PhaseStats) Ops() int64 { return p.ops.Load() }
 func (p *PhaseStats) Errors() int64 { return p.errs.Load() }
 
 // MaxLatency is the slowest operation (successful or not).
-func (p *PhaseStats) MaxLatency() time.Duration { return time.Duration(p.maxLatNS.Load()) }
+func (p *PhaseStats) MaxLatency() time.Duration {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.maxLat
+}
+
+// SlowestOp names the slowest operation.
+func (p *PhaseStats) SlowestOp() string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.maxOp
+}
 
 // Duration is the phase's wall time.
 func (p *PhaseStats) Duration() time.Duration {
@@ -83,18 +96,17 @@ func (p *PhaseStats) TPS() float64 {
 	return 0
 }
 
-func (p *PhaseStats) record(lat time.Duration, failed bool) {
+func (p *PhaseStats) record(op string, lat time.Duration, failed bool) {
 	if failed {
 		p.errs.Add(1)
 	} else {
 		p.ops.Add(1)
 	}
-	for {
-		cur := p.maxLatNS.Load()
-		if int64(lat) <= cur || p.maxLatNS.CompareAndSwap(cur, int64(lat)) {
-			return
-		}
+	p.mu.Lock()
+	if lat > p.maxLat {
+		p.maxLat, p.maxOp = lat, op
 	}
+	p.mu.Unlock()
 }
 
 // Load is a set of clients writing through public.orders the way an
@@ -152,8 +164,10 @@ func StartLoad(ctx context.Context, dsn string, n int, seedRows int64, customers
 	l.side.Store(&side{})
 	l.SetPhase("load warm-up")
 	for i := range n {
-		c := &client{no: i, rng: rand.New(rand.NewPCG(uint64(i), 20261128)), touched: map[int64]*orderRow{}}
-		l.clients = append(l.clients, c)
+		l.clients = append(l.clients, &client{no: i, rng: rand.New(rand.NewPCG(uint64(i), 20261128)), touched: map[int64]*orderRow{}})
+	}
+	// Started only once l.clients is complete: the clients read its length.
+	for _, c := range l.clients {
 		l.wg.Add(1)
 		go l.run(ctx, c)
 	}
@@ -252,7 +266,7 @@ func (l *Load) run(ctx context.Context, c *client) {
 		if op == "" {
 			continue
 		}
-		ph.record(lat, err != nil)
+		ph.record(op, lat, err != nil)
 		if err != nil {
 			l.totalErrs.Add(1)
 			l.errMu.Lock()

@@ -35,11 +35,11 @@ func (r *Report) Print(w io.Writer) {
 
 	fmt.Fprintln(w, "\nclient load per phase:")
 	tw = tabwriter.NewWriter(w, 0, 4, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "  phase\ttime\tops\tops/s\terrors\tmax latency\t")
+	fmt.Fprintln(tw, "  phase\ttime\tops\tops/s\terrors\tmax latency\tslowest op\t")
 	for _, p := range r.LoadPhases {
-		fmt.Fprintf(tw, "  %s\t%s\t%d\t%.0f\t%d\t%s\t\n", p.Name, round(p.Duration()), p.Ops(), p.TPS(), p.Errors(), ms(p.MaxLatency()))
+		fmt.Fprintf(tw, "  %s\t%s\t%d\t%.0f\t%d\t%s\t%s\t\n", p.Name, round(p.Duration()), p.Ops(), p.TPS(), p.Errors(), ms(p.MaxLatency()), p.SlowestOp())
 	}
-	fmt.Fprintf(tw, "  total\t\t%d\t\t%d\t\t\n", r.Ops, r.Errors)
+	fmt.Fprintf(tw, "  total\t\t%d\t\t%d\t\t\t\n", r.Ops, r.Errors)
 	tw.Flush()
 	for _, e := range r.ErrorSamples {
 		fmt.Fprintf(w, "  error: %s\n", e)

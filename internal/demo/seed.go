@@ -36,12 +36,12 @@ func customerEmail(id int) string { return "c" + strconv.Itoa(id) + "@example.co
 
 func customerName(id int) string { return "customer " + strconv.Itoa(id) }
 
-// seed creates customers and orders and fills them with generate_series. The
+// Seed creates customers and orders and fills them with generate_series. The
 // orders are loaded into a bare table and the primary key, indexes and the
 // foreign key are added afterwards: building an index once is several times
 // faster than maintaining it row by row, and one validating join is faster
 // than a million foreign-key trigger calls. The SQL mirrors seedRow exactly.
-func seed(ctx context.Context, pool *pgxpool.Pool, rows int64, customers int) error {
+func Seed(ctx context.Context, pool *pgxpool.Pool, rows int64, customers int) error {
 	c, o := customersTable.Quoted(), ordersTable.Quoted()
 	stmts := []string{
 		fmt.Sprintf(`CREATE TABLE %s (id int PRIMARY KEY, name text NOT NULL, email text NOT NULL)`, c),
