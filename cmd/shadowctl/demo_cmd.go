@@ -33,6 +33,9 @@ func init() {
 				Rows: c.Int64("rows"), Customers: c.Int("customers"), Clients: c.Int("clients"), Soak: c.Duration("soak"),
 				Keep: c.Bool("keep"), Out: c.App.Writer, Live: live, Log: log,
 			})
+			if err != nil && c.Context.Err() != nil {
+				return cli.Exit("demo interrupted; its throwaway PostgreSQL was stopped and removed", 130)
+			}
 			if errors.Is(err, demo.ErrFailed) {
 				return cli.Exit(err.Error(), 1)
 			}

@@ -244,7 +244,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 			map[bool]string{true: "exact", false: "different"}[rep.Check.OK()], len(rep.Leftovers))
 	}
 	if cfg.Keep && cfg.DSN == "" {
-		say(out, "\n--keep: PostgreSQL stays up at %s (psql %q) until you press Ctrl-C", dsn, dsn)
+		say(out, "\n--keep: PostgreSQL stays up (it lives as long as this process); connect with\n  psql '%s'\npress Ctrl-C to stop it and remove its folder", dsn)
 		<-ctx.Done()
 	}
 	return rep, nil

@@ -5,7 +5,7 @@ import (
 	"fmt"
 	"regexp"
 	"strings"
-	"text/tabwriter"
+	"unicode/utf8"
 
 	"github.com/jackc/pgx/v5"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
@@ -37,14 +37,7 @@ func describe(ctx context.Context, q pgsql.Querier, t pgsql.QualifiedName) (stri
 	if err != nil {
 		return "", fmt.Errorf("describe %s: %w", t, err)
 	}
-	tw := tabwriter.NewWriter(&b, 0, 4, 1, ' ', tabwriter.Debug)
-	fmt.Fprintln(tw, " Column\t Type\t Nullable\t Default")
-	for _, c := range cols {
-		fmt.Fprintf(tw, " %s\t %s\t %s\t %s\n", c[0], c[1], c[2], c[3])
-	}
-	if err := tw.Flush(); err != nil {
-		return "", err
-	}
+	b.WriteString(grid([4]string{"Column", "Type", "Nullable", "Default"}, cols))
 	rows, err = q.Query(ctx, `SELECT c.relname, i.indisprimary, i.indisunique, pg_get_indexdef(i.indexrelid)
 		  FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
 		 WHERE i.indrelid = to_regclass($1) ORDER BY NOT i.indisprimary, c.relname`, t.Quoted())
@@ -124,3 +117,39 @@ func describe(ctx context.Context, q pgsql.Querier, t pgsql.QualifiedName) (stri
 }
 
 var usingRe = regexp.MustCompile(` USING (.*)$`)
+
+// grid lays rows out as psql does: padded columns separated by " | ", a
+// "-+-" rule under the header.
+func grid(head [4]string, rows [][4]string) string {
+	var w [4]int
+	for _, r := range append([][4]string{head}, rows...) {
+		for i, c := range r {
+			w[i] = max(w[i], utf8.RuneCountInString(c))
+		}
+	}
+	var b strings.Builder
+	line := func(r [4]string) {
+		var l strings.Builder
+		for i, c := range r {
+			if i > 0 {
+				l.WriteString(" | ")
+			} else {
+				l.WriteString(" ")
+			}
+			l.WriteString(c + strings.Repeat(" ", w[i]-utf8.RuneCountInString(c)))
+		}
+		b.WriteString(strings.TrimRight(l.String(), " ") + "\n")
+	}
+	line(head)
+	for i := range w {
+		if i > 0 {
+			b.WriteString("+")
+		}
+		b.WriteString(strings.Repeat("-", w[i]+2))
+	}
+	b.WriteString("\n")
+	for _, r := range rows {
+		line(r)
+	}
+	return b.String()
+}
