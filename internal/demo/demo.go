@@ -430,9 +430,11 @@ func (d *driver) progress(ctx context.Context, m *shadow.Migration) func() {
 		defer close(done)
 		tk := time.NewTicker(poll)
 		defer tk.Stop()
-		start := time.Now()
+		start, phaseStart := time.Now(), time.Now()
 		phase := string(m.Phase)
 		lastOps, lastAt := d.load.Ops(), time.Now()
+		var lastCopied int64
+		var copyTook time.Duration // time to the last copied batch
 		d.load.SetPhase("start: " + phase)
 		for {
 			select {
@@ -444,18 +446,32 @@ func (d *driver) progress(ctx context.Context, m *shadow.Migration) func() {
 			case <-tk.C:
 			}
 			if cur, err := d.runner.Store.Get(ctx, d.runner.Pool, m.ID); err == nil && string(cur.Phase) != phase {
-				phase = string(cur.Phase)
+				phase, phaseStart = string(cur.Phase), time.Now()
 				d.load.SetPhase("start: " + phase)
+			}
+			if n := copied.Load(); n != lastCopied {
+				lastCopied, copyTook = n, time.Since(start)
 			}
 			if time.Since(lastAt) < every {
 				continue
 			}
-			n := copied.Load()
-			rate := float64(n) / time.Since(start).Seconds()
+			var what string
+			switch {
+			case phase == string(shadow.Verifying):
+				what = fmt.Sprintf("chunked checksums, green against blue, %s so far", time.Since(phaseStart).Round(time.Second))
+			case phase == string(shadow.Copying) && lastCopied >= m.RowsEstimated:
+				what = d.indexProgress(ctx, m, lastCopied)
+			default:
+				rate := 0.0
+				if copyTook > 0 {
+					rate = float64(lastCopied) / copyTook.Seconds()
+				}
+				what = progressLine(lastCopied, m.RowsEstimated, rate)
+			}
 			ops := d.load.Ops()
 			tps := float64(ops-lastOps) / time.Since(lastAt).Seconds()
 			lastOps, lastAt = ops, time.Now()
-			line := fmt.Sprintf("%-9s %s | load %4.0f ops/s, %d errors", phase, progressLine(n, m.RowsEstimated, rate), tps, d.load.Errors())
+			line := fmt.Sprintf("%-9s %s | load %4.0f ops/s, %d errors", phase, what, tps, d.load.Errors())
 			if d.cfg.Live {
 				fmt.Fprintf(d.out, "\r\033[K  %s", line)
 			} else {
@@ -468,6 +484,26 @@ func (d *driver) progress(ctx context.Context, m *shadow.Migration) func() {
 		<-done
 		d.runner.Progress = nil
 	}
+}
+
+// indexProgress says which of green's indexes is being built, from
+// pg_stat_progress_create_index (the copy is done by then).
+func (d *driver) indexProgress(ctx context.Context, m *shadow.Migration, copied int64) string {
+	var idx, phase string
+	var done, total int64
+	err := d.runner.Pool.QueryRow(ctx, `SELECT coalesce(nullif(p.index_relid, 0)::regclass::text, '…'), p.phase,
+			CASE WHEN p.blocks_total > 0 THEN p.blocks_done ELSE p.tuples_done END,
+			CASE WHEN p.blocks_total > 0 THEN p.blocks_total ELSE p.tuples_total END
+		  FROM pg_stat_progress_create_index p JOIN pg_class c ON c.oid = p.relid
+		 WHERE c.relnamespace = to_regnamespace($1) LIMIT 1`, pgsql.Ident(m.GreenSchema)).Scan(&idx, &phase, &done, &total)
+	if err != nil {
+		return fmt.Sprintf("copied %d rows; building green's indexes and constraints", copied)
+	}
+	pct := ""
+	if total > 0 {
+		pct = fmt.Sprintf(" %.0f%%", float64(done)*100/float64(total))
+	}
+	return fmt.Sprintf("building green's index %s CONCURRENTLY: %s%s", idx, phase, pct)
 }
 
 func progressLine(n, est int64, rate float64) string {
