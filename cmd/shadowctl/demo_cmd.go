@@ -18,6 +18,8 @@ func init() {
 			&cli.IntFlag{Name: "customers", Value: 20_000, Usage: "customers to seed"},
 			&cli.IntFlag{Name: "clients", Value: 4, Usage: "load clients"},
 			&cli.DurationFlag{Name: "soak", Value: demo.DefaultSoak, Usage: "how long the load runs on each side after a swap"},
+			&cli.IntFlag{Name: "batch-size", Usage: "largest copy batch", DefaultText: "as shadowctl start"},
+			&cli.IntFlag{Name: "workers", Usage: "parallel copy workers", DefaultText: "as shadowctl start"},
 			&cli.BoolFlag{Name: "keep", Usage: "leave PostgreSQL running after the report (until Ctrl-C) and print its DSN"},
 		},
 		Action: func(c *cli.Context) error {
@@ -31,6 +33,7 @@ func init() {
 			}
 			_, err := demo.Run(c.Context, demo.Config{
 				Rows: c.Int64("rows"), Customers: c.Int("customers"), Clients: c.Int("clients"), Soak: c.Duration("soak"),
+				BatchSize: c.Int("batch-size"), Workers: c.Int("workers"),
 				Keep: c.Bool("keep"), Out: c.App.Writer, Live: live, Log: log,
 			})
 			if err != nil && c.Context.Err() != nil {
