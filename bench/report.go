@@ -64,6 +64,7 @@ func ratio(a, b M) M {
 
 // modeResult is one shadowctl sync mode's figures.
 type modeResult struct {
+	RefTPS              M // the workload alone, just before start, same pgbench run
 	CopyIdleS           M
 	CopyLoadS           M
 	TPSRatio            M
@@ -121,10 +122,11 @@ func (r *modeResult) oneReason() (string, bool) {
 func (r *modeResult) fields() []namedField {
 	return []namedField{
 		{"time to ready, idle (s)", &r.CopyIdleS},
+		{"reference TPS (workload alone, just before start)", &r.RefTPS},
 		{"time to ready, under load (s)", &r.CopyLoadS},
-		{"workload TPS ratio during copy", &r.TPSRatio},
+		{"workload TPS ratio during copy (to the reference)", &r.TPSRatio},
 		{"workload p99 during copy (ms)", &r.P99Ms},
-		{"workload TPS ratio at ready (sync only)", &r.SyncTPSRatio},
+		{"workload TPS ratio at ready, sync only (to the reference)", &r.SyncTPSRatio},
 		{"workload max latency during cutover (ms)", &r.CutoverMaxLatencyMs},
 		{"cutover lock wait (ms)", &r.LockWaitMs},
 		{"cutover lock hold (ms)", &r.LockHoldMs},
@@ -255,6 +257,9 @@ func (b *bench) report(r *results) error {
 
 func fmtM(m M, unit string) string {
 	if !m.known() {
+		if strings.HasPrefix(m.Why, "not applicable") {
+			return "n/a (" + strings.TrimPrefix(m.Why, "not applicable: ") + ")"
+		}
 		return "not measured: " + strings.ReplaceAll(m.Why, "|", "\\|")
 	}
 	v := m.val()
@@ -313,12 +318,12 @@ func (b *bench) markdown(r *results) string {
 		}
 	}
 	row("pg_repack (load)", "wall time (s)", r.RepackS, "")
-	row("pg_repack (load)", "workload TPS ratio", r.RepackTPSRatio, "ratio")
+	row("pg_repack (load)", "workload TPS ratio (to the reference just before)", r.RepackTPSRatio, "ratio")
 	row("pg_repack (load)", "workload max latency (ms)", r.RepackMaxMs, "")
 	row("pg_repack (load)", "workload errors", r.RepackErrors, "count")
 	row("offline ALTER (load)", "ALTER duration (s)", r.OfflineS, "")
 	row("offline ALTER (load)", "workload max latency (ms)", r.OfflineMaxMs, "")
-	row("offline ALTER (load)", "workload TPS ratio during ALTER", r.OfflineTPSRatio, "ratio")
+	row("offline ALTER (load)", "workload TPS ratio during ALTER (to the reference just before)", r.OfflineTPSRatio, "ratio")
 	row("offline ALTER (load)", "workload errors", r.OfflineErrors, "count")
 	p("\n### Targets (issue 8)\n\n| target | measured | result |\n|---|---|---|\n")
 	for _, t := range b.targets(r) {

@@ -153,10 +153,6 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		m.allNone(why)
 		return nil
 	}
-	if ok, why := b.hasCommand(ctx, "status"); !ok {
-		m.allNone(why)
-		return nil
-	}
 	if err := b.clean(ctx); err != nil {
 		return err
 	}
@@ -165,6 +161,12 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		return nil
 	}
 	var rssKB int64
+	// A start that never reaches ready must not hang the run: allow 30× the
+	// raw limit, at least 3 minutes.
+	startLimit := 3 * time.Minute
+	if r.RawCopyS.known() {
+		startLimit = max(startLimit, time.Duration(30*r.RawCopyS.val()*float64(time.Second)))
+	}
 	startArgs := func(id string) []string {
 		return []string{"start", "--table", "public.orders", "--alter", alterSpec, "--sync", mode, "--until", "ready", "--name", id}
 	}
@@ -172,7 +174,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	// Idle: time to ready, then abort.
 	idleID := "bench-" + mode + "-idle"
 	logf("%s: start on an idle database", mode)
-	sr := b.shadowctl(ctx, idleID+"-start", startArgs(idleID)...)
+	sr := b.shadowctlWithin(ctx, startLimit, idleID+"-start", startArgs(idleID)...)
 	if ctx.Err() != nil {
 		return ctx.Err()
 	}
@@ -188,10 +190,12 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	rssKB = max(rssKB, sr.maxRSSKB)
 	m.CopyIdleS = some(sr.dur.Seconds())
 	idleStatus, str0 := b.status(ctx, idleID)
+	idleWhy := ""
 	if idleStatus != nil && str(idleStatus, "phase") != "" && str(idleStatus, "phase") != "ready" {
 		r.note("%s idle run: start exited 0 but phase is %q", mode, str(idleStatus, "phase"))
 	} else if idleStatus == nil {
-		r.note("%s idle run: %s", mode, str0.reason())
+		idleWhy = str0.reason()
+		r.note("%s idle run: %s", mode, idleWhy)
 	}
 	logf("%s: ready after %.2fs idle", mode, sr.dur.Seconds())
 	if ar := b.shadowctl(ctx, idleID+"-abort", "abort", idleID); !ar.ok() {
@@ -217,10 +221,17 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		pollWG.Add(1)
 		go func() { defer pollWG.Done(); b.pollLag(pollCtx, loadID, lag) }()
 	}
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		return err
+	}
 	logf("%s: start under load", mode)
 	t0 := time.Now()
-	sr = b.shadowctl(ctx, loadID+"-start", startArgs(loadID)...)
+	sr = b.shadowctlWithin(ctx, startLimit, loadID+"-start", startArgs(loadID)...)
 	t1 := time.Now()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
 	rssKB = max(rssKB, sr.maxRSSKB)
 	if !sr.ok() {
 		stopPoll()
@@ -234,8 +245,9 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			&m.LockWaitMs, &m.LockHoldMs, &m.LagP99S, &m.LagMaxS} {
 			*f = none(why)
 		}
+		m.RefTPS = b.reference(l, tPre, t0, r)
 		m.Errors = some(float64(l.errorsBetween(t0, t1)))
-		b.finishMode(ctx, r, mode, m, rssKB, nil, idleStatus)
+		b.finishMode(m, rssKB, nil, idleStatus, idleWhy)
 		b.shadowctl(ctx, loadID+"-abort", "abort", loadID)
 		return b.clean(ctx)
 	}
@@ -249,7 +261,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	hasCutover, why := b.hasCommand(ctx, "cutover")
 	tc0 := time.Now()
 	if hasCutover {
-		cr = b.shadowctl(ctx, loadID+"-cutover", "cutover", loadID, "--lock-timeout", "100ms")
+		cr = b.shadowctlWithin(ctx, 2*time.Minute, loadID+"-cutover", "cutover", loadID, "--lock-timeout", "100ms")
 		rssKB = max(rssKB, cr.maxRSSKB)
 	}
 	tc1 := time.Now()
@@ -263,14 +275,16 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	if err != nil {
 		return err
 	}
+	ref := b.reference(l, tPre, t0, r)
+	m.RefTPS = ref
 	if s, err := l.window(t0, t1); err == nil {
-		m.TPSRatio = ratio(some(s.TPS), r.BaselineTPS)
+		m.TPSRatio = ratio(some(s.TPS), ref)
 		m.P99Ms = some(s.P99ms)
 	} else {
 		m.TPSRatio, m.P99Ms = none(err.Error()), none(err.Error())
 	}
 	if s, err := l.window(t1, t2); err == nil {
-		m.SyncTPSRatio = ratio(some(s.TPS), r.BaselineTPS)
+		m.SyncTPSRatio = ratio(some(s.TPS), ref)
 	} else {
 		m.SyncTPSRatio = none(err.Error())
 	}
@@ -295,10 +309,12 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		m.LagP99S, m.LagMaxS = lag.figures()
 	}
 	loadStatus, stR := b.status(ctx, loadID)
+	loadWhy := ""
 	if loadStatus == nil {
-		r.note("%s load run: %s", mode, stR.reason())
+		loadWhy = stR.reason()
+		r.note("%s load run: %s", mode, loadWhy)
 	}
-	b.finishMode(ctx, r, mode, m, rssKB, loadStatus, idleStatus)
+	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy)
 	if hasCutover && cr.ok() {
 		if fr := b.shadowctl(ctx, loadID+"-finalize", "finalize", loadID, "--force"); !fr.ok() {
 			r.note("%s load run: %s", mode, fr.reason())
@@ -311,11 +327,14 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 
 // finishMode fills the figures read from status JSON (load run first, idle
 // run as fallback for verification) and the peak RSS.
-func (b *bench) finishMode(ctx context.Context, r *results, mode string, m *modeResult, rssKB int64, load, idle map[string]any) {
+func (b *bench) finishMode(m *modeResult, rssKB int64, load, idle map[string]any, statusWhy string) {
 	if rssKB > 0 {
 		m.PeakRSSMB = some(float64(rssKB) / 1024)
 	} else {
 		m.PeakRSSMB = none("no rusage for the shadowctl process")
+	}
+	if load == nil && m.CutoverMaxLatencyMs.known() {
+		m.LockWaitMs, m.LockHoldMs = none(statusWhy), none(statusWhy)
 	}
 	if load != nil && m.CutoverMaxLatencyMs.known() {
 		if v, ok := num(load, "last_cutover", "lock_wait_ms"); ok {
@@ -330,6 +349,9 @@ func (b *bench) finishMode(ctx context.Context, r *results, mode string, m *mode
 		}
 	}
 	m.VerifyRowsPerS = none("status JSON has no verify.rows / verify.seconds")
+	if load == nil && idle == nil {
+		m.VerifyRowsPerS = none(statusWhy)
+	}
 	for _, st := range []map[string]any{load, idle} {
 		rows, ok1 := num(st, "verify", "rows")
 		secs, ok2 := num(st, "verify", "seconds")
@@ -338,6 +360,22 @@ func (b *bench) finishMode(ctx context.Context, r *results, mode string, m *mode
 			break
 		}
 	}
+}
+
+// reference is the workload's TPS in the same pgbench run just before the
+// measured operation starts: the baseline the ratios divide by. Taken from the
+// same run, it cancels the drift between scenarios (table growth, bloat, the
+// machine's other load) that a ratio to the opening baseline would carry.
+func (b *bench) reference(l *txlog, from, to time.Time, r *results) M {
+	s, err := l.window(from, to)
+	if err != nil {
+		return none("reference window: " + err.Error())
+	}
+	if r.BaselineTPS.known() && s.TPS < 0.8*r.BaselineTPS.val() {
+		r.note("reference window %s–%s: %.0f TPS, under 80%% of the opening baseline (%.0f): the machine was busier",
+			from.Format("15:04:05"), to.Format("15:04:05"), s.TPS, r.BaselineTPS.val())
+	}
+	return some(s.TPS)
 }
 
 // lagPoller collects sync_lag_seconds samples from status JSON.
@@ -410,6 +448,10 @@ func (b *bench) repack(ctx context.Context, r *results) error {
 		return err
 	}
 	defer w.kill()
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		return err
+	}
 	t0 := time.Now()
 	cmd := exec.CommandContext(ctx, bin, "-h", b.host, "-p", strconv.Itoa(int(b.port)), "-U", "postgres",
 		"-d", benchDB, "--table", "public.orders")
@@ -432,7 +474,7 @@ func (b *bench) repack(ctx context.Context, r *results) error {
 		return fail(err.Error())
 	}
 	r.RepackS = some(t1.Sub(t0).Seconds())
-	r.RepackTPSRatio = ratio(some(s.TPS), r.BaselineTPS)
+	r.RepackTPSRatio = ratio(some(s.TPS), b.reference(l, tPre, t0, r))
 	r.RepackMaxMs = some(s.MaxMs)
 	r.RepackErrors = some(float64(l.errorsBetween(t0, t2)))
 	logf("pg_repack: %.2fs, %.0f TPS, max latency %.1f ms", t1.Sub(t0).Seconds(), s.TPS, s.MaxMs)
@@ -492,6 +534,10 @@ func (b *bench) offlineAlter(ctx context.Context, r *results) error {
 		return err
 	}
 	defer w.kill()
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		return err
+	}
 	t0 := time.Now()
 	_, aerr := b.pool.Exec(ctx, "ALTER TABLE public.orders "+alterSpec)
 	t1 := time.Now()
@@ -517,7 +563,7 @@ func (b *bench) offlineAlter(ctx context.Context, r *results) error {
 	r.OfflineS = some(t1.Sub(t0).Seconds())
 	r.OfflineMaxMs = some(s.MaxMs)
 	if st, err := l.window(t0, t1); err == nil {
-		r.OfflineTPSRatio = ratio(some(st.TPS), r.BaselineTPS)
+		r.OfflineTPSRatio = ratio(some(st.TPS), b.reference(l, tPre, t0, r))
 	} else {
 		r.OfflineTPSRatio = some(0)
 	}

@@ -25,6 +25,7 @@ type cliResult struct {
 	dur      time.Duration
 	maxRSSKB int64
 	startErr error
+	timedOut time.Duration // non-zero: stopped after this limit
 }
 
 func (r cliResult) ok() bool { return r.exit == 0 }
@@ -52,6 +53,9 @@ func (r cliResult) reason() string {
 	msg := lastMessage(r.stderr)
 	if msg == "" {
 		msg = lastMessage(r.stdout)
+	}
+	if r.timedOut > 0 {
+		return fmt.Sprintf("%s did not finish within %s (stopped)", cmd, r.timedOut)
 	}
 	if r.notImplemented() {
 		return fmt.Sprintf("%s is not implemented in this build (%s)", cmd, msg)
@@ -106,6 +110,18 @@ func (b *bench) shadowctl(ctx context.Context, label string, args ...string) cli
 	_ = os.WriteFile(filepath.Join(b.work, "shadowctl-"+label+".out"),
 		[]byte(fmt.Sprintf("$ shadowctl %s\nexit %d after %s\n--- stdout\n%s\n--- stderr\n%s\n",
 			strings.Join(args, " "), r.exit, r.dur, r.stdout, r.stderr)), 0o644)
+	return r
+}
+
+// shadowctlWithin is shadowctl with a time limit; past it the process gets
+// SIGTERM and the result says it timed out.
+func (b *bench) shadowctlWithin(ctx context.Context, limit time.Duration, label string, args ...string) cliResult {
+	cctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	r := b.shadowctl(cctx, label, args...)
+	if ctx.Err() == nil && cctx.Err() != nil {
+		r.timedOut = limit
+	}
 	return r
 }
 
