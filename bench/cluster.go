@@ -46,13 +46,16 @@ type bench struct {
 
 // machine is what the numbers depend on.
 type machine struct {
-	Cores      int    `json:"cores"`
-	MemoryGiB  string `json:"memory_gib"`
-	CPUModel   string `json:"cpu_model"`
-	PGVersion  string `json:"pg_version"`
-	Pgbench    string `json:"pgbench"`
-	GoVersion  string `json:"go"`
-	KernelArch string `json:"os_arch"`
+	Cores      int     `json:"cores"`
+	MemoryGiB  float64 `json:"memory_gib"`
+	CPUModel   string  `json:"cpu_model"`
+	PGVersion  string  `json:"pg_version"`
+	Pgbench    string  `json:"pgbench"`
+	GoVersion  string  `json:"go"`
+	KernelArch string  `json:"os_arch"`
+	// LoadAvg is the 1-minute load average when the run began: other work
+	// on the machine shows up in every figure.
+	LoadAvg float64 `json:"load_avg_1m_at_start"`
 }
 
 // newBench starts the cluster and creates the database. A non-nil bench is
@@ -153,11 +156,14 @@ func (b *bench) readMachine(ctx context.Context) machine {
 		for sc.Scan() {
 			var kb int64
 			if _, err := fmt.Sscanf(sc.Text(), "MemTotal: %d kB", &kb); err == nil {
-				m.MemoryGiB = fmt.Sprintf("%.1f", float64(kb)/(1<<20))
+				m.MemoryGiB = round(float64(kb)/(1<<20), 1)
 				break
 			}
 		}
 		f.Close()
+	}
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		_, _ = fmt.Sscanf(string(data), "%g", &m.LoadAvg)
 	}
 	return m
 }

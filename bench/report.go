@@ -283,8 +283,8 @@ func (b *bench) markdown(r *results) string {
 	var w bytes.Buffer
 	p := func(format string, args ...any) { fmt.Fprintf(&w, format, args...) }
 	p("## shadowctl bench — %d rows, %d clients, %s load windows\n\n", r.Rows, b.cfg.Clients, b.cfg.Load)
-	p("Run %s, %.0fs. Machine: %d cores (%s), %s GiB RAM; %s.\n\n", r.Started.UTC().Format(time.RFC3339),
-		r.Duration.Seconds(), b.machine.Cores, b.machine.CPUModel, b.machine.MemoryGiB, b.machine.PGVersion)
+	p("Run %s, %.0fs. Machine: %d cores (%s), %.1f GiB RAM, load average %.2f at start; %s.\n\n", r.Started.UTC().Format(time.RFC3339),
+		r.Duration.Seconds(), b.machine.Cores, b.machine.CPUModel, b.machine.MemoryGiB, b.machine.LoadAvg, b.machine.PGVersion)
 	p("Settings: ")
 	for i, k := range sortedKeys(b.settings) {
 		if i > 0 {
