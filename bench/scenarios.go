@@ -247,13 +247,13 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		}
 		m.RefTPS = b.reference(l, tPre, t0, r)
 		m.Errors = some(float64(l.errorsBetween(t0, t1)))
-		b.finishMode(m, rssKB, nil, idleStatus, idleWhy)
+		b.finishMode(m, rssKB, nil, idleStatus, idleWhy, false)
 		b.shadowctl(ctx, loadID+"-abort", "abort", loadID)
 		return b.clean(ctx)
 	}
 	m.CopyLoadS = some(t1.Sub(t0).Seconds())
 	logf("%s: ready after %.2fs under load; sync-only window %s", mode, t1.Sub(t0).Seconds(), b.cfg.SyncWin)
-	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+	if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready"); err != nil {
 		return err
 	}
 	t2 := time.Now()
@@ -265,7 +265,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		rssKB = max(rssKB, cr.maxRSSKB)
 	}
 	tc1 := time.Now()
-	if err := w.hold(ctx, b.cfg.After); err != nil {
+	if err := w.holdOrNote(ctx, b.cfg.After, r, mode+" run, after cutover"); err != nil {
 		return err
 	}
 	t3 := time.Now()
@@ -314,7 +314,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		loadWhy = stR.reason()
 		r.note("%s load run: %s", mode, loadWhy)
 	}
-	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy)
+	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy, hasCutover && cr.ok())
 	if hasCutover && cr.ok() {
 		if fr := b.shadowctl(ctx, loadID+"-finalize", "finalize", loadID, "--force"); !fr.ok() {
 			r.note("%s load run: %s", mode, fr.reason())
@@ -327,16 +327,16 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 
 // finishMode fills the figures read from status JSON (load run first, idle
 // run as fallback for verification) and the peak RSS.
-func (b *bench) finishMode(m *modeResult, rssKB int64, load, idle map[string]any, statusWhy string) {
+func (b *bench) finishMode(m *modeResult, rssKB int64, load, idle map[string]any, statusWhy string, cutoverOK bool) {
 	if rssKB > 0 {
 		m.PeakRSSMB = some(float64(rssKB) / 1024)
 	} else {
 		m.PeakRSSMB = none("no rusage for the shadowctl process")
 	}
-	if load == nil && m.CutoverMaxLatencyMs.known() {
+	if load == nil && cutoverOK {
 		m.LockWaitMs, m.LockHoldMs = none(statusWhy), none(statusWhy)
 	}
-	if load != nil && m.CutoverMaxLatencyMs.known() {
+	if load != nil && cutoverOK {
 		if v, ok := num(load, "last_cutover", "lock_wait_ms"); ok {
 			m.LockWaitMs = some(v)
 		} else {
@@ -458,7 +458,7 @@ func (b *bench) repack(ctx context.Context, r *results) error {
 	out, rerr := cmd.CombinedOutput()
 	t1 := time.Now()
 	_ = os.WriteFile(filepath.Join(b.work, "pg_repack.out"), out, 0o644)
-	if err := w.hold(ctx, b.cfg.After); err != nil {
+	if err := w.holdOrNote(ctx, b.cfg.After, r, "pg_repack run"); err != nil {
 		return err
 	}
 	t2 := time.Now()
@@ -541,7 +541,7 @@ func (b *bench) offlineAlter(ctx context.Context, r *results) error {
 	t0 := time.Now()
 	_, aerr := b.pool.Exec(ctx, "ALTER TABLE public.orders "+alterSpec)
 	t1 := time.Now()
-	if err := w.hold(ctx, b.cfg.After); err != nil {
+	if err := w.holdOrNote(ctx, b.cfg.After, r, "offline ALTER run"); err != nil {
 		return err
 	}
 	t2 := time.Now()

@@ -93,6 +93,11 @@ func (b *bench) startWorkload(ctx context.Context, name string) (*workload, erro
 	return w, nil
 }
 
+// errWorkloadExited means pgbench ended before it was stopped: every client
+// aborted on an error. Under a tool being measured that is a finding (the
+// errors are counted), not a harness failure.
+var errWorkloadExited = errors.New("pgbench ended early: every client aborted on an error")
+
 // hold keeps the workload running for d (a fixed measurement window), failing
 // early if pgbench dies or the run is interrupted.
 func (w *workload) hold(ctx context.Context, d time.Duration) error {
@@ -100,11 +105,21 @@ func (w *workload) hold(ctx context.Context, d time.Duration) error {
 	case <-time.After(d):
 		return nil
 	case <-w.exited:
-		out, _ := os.ReadFile(w.errPath)
-		return fmt.Errorf("pgbench exited early: %v: %s", w.waitErr, tail(string(out), 800))
+		return fmt.Errorf("%w (%v; its output is %s in the work folder, kept with BENCH_KEEP=1)", errWorkloadExited, w.waitErr, filepath.Base(w.errPath))
 	case <-ctx.Done():
 		return ctx.Err()
 	}
+}
+
+// holdOrNote is hold for windows where the workload dying is a finding: it is
+// noted and the run goes on (the windows after it then say why they are empty).
+func (w *workload) holdOrNote(ctx context.Context, d time.Duration, r *results, what string) error {
+	err := w.hold(ctx, d)
+	if errors.Is(err, errWorkloadExited) {
+		r.note("%s: %v", what, err)
+		return nil
+	}
+	return err
 }
 
 func (w *workload) kill() {
@@ -166,16 +181,33 @@ func readTxLogs(prefix, errPath string) (*txlog, error) {
 	}
 	sort.Slice(l.txs, func(i, j int) bool { return l.txs[i].end < l.txs[j].end })
 	if out, err := os.ReadFile(errPath); err == nil {
+		seen := map[string]int{}
 		for _, line := range strings.Split(string(out), "\n") {
-			if strings.Contains(line, "aborted in command") || strings.Contains(line, "aborted:") {
+			if strings.Contains(line, "aborted in command") {
 				l.aborted++
-				if len(l.errors) < 5 {
-					l.errors = append(l.errors, strings.TrimSpace(line))
+				// "pgbench: error: client 3 script 0 aborted in command 7 query 0: ERROR: ..."
+				msg := line
+				if _, after, ok := strings.Cut(line, " query "); ok {
+					if _, m, ok := strings.Cut(after, ": "); ok {
+						msg = m
+					}
 				}
+				seen[strings.TrimSpace(msg)]++
 			}
+		}
+		for _, msg := range sortedKeys(seenKeys(seen)) {
+			l.errors = append(l.errors, fmt.Sprintf("%d× %s", seen[msg], msg))
 		}
 	}
 	return l, nil
+}
+
+func seenKeys(m map[string]int) map[string]string {
+	out := make(map[string]string, len(m))
+	for k := range m {
+		out[k] = k
+	}
+	return out
 }
 
 // readFile parses "client_id transaction_no time script_no time_epoch time_us
@@ -244,6 +276,9 @@ func (l *txlog) window(from, to time.Time) (stats, error) {
 		return s, errors.New("empty window")
 	}
 	if t > l.covered {
+		if l.aborted > 0 {
+			return s, fmt.Errorf("the workload had stopped: %d pgbench clients aborted on errors", l.aborted)
+		}
 		return s, fmt.Errorf("the pgbench log ends %.2fs before the window does", float64(t-l.covered)/1e6)
 	}
 	var lats []int64
