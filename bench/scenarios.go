@@ -19,6 +19,9 @@ import (
 func (b *bench) runAll(ctx context.Context) (*results, error) {
 	r := newResults(b.cfg.Rows)
 	defer func() { r.Duration = time.Since(r.Started) }()
+	if la, n := b.machine.LoadAvg, float64(b.machine.Cores); la > n/2 {
+		r.note("the machine was busy when the run began (load average %.2f on %d cores): absolute figures are depressed; the ratios divide by a reference window from the same pgbench run", la, b.machine.Cores)
+	}
 	if err := b.loadData(ctx); err != nil {
 		return nil, err
 	}
