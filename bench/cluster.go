@@ -162,9 +162,7 @@ func (b *bench) readMachine(ctx context.Context) machine {
 		}
 		f.Close()
 	}
-	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
-		_, _ = fmt.Sscanf(string(data), "%g", &m.LoadAvg)
-	}
+	m.LoadAvg = loadAvg()
 	return m
 }
 
