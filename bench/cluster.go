@@ -17,7 +17,12 @@ import (
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 )
 
-const benchDB = "bench"
+// benchDB is where every scenario runs; seedDB holds the freshly loaded data
+// it is cloned from before each scenario that needs a clean table.
+const (
+	benchDB = "bench"
+	seedDB  = "bench_seed"
+)
 
 // pgSettings are the cluster's postgresql.conf lines beyond pgtest's defaults
 // (wal_level=logical, max_connections=200, ...). Durable: fsync and
@@ -34,6 +39,7 @@ var pgSettings = map[string]string{
 type bench struct {
 	cfg      config
 	srv      *pgtest.Server
+	admin    string // the maintenance database
 	dsn      string // the bench database, as a URL
 	host     string
 	port     uint16
@@ -78,22 +84,18 @@ func newBench(ctx context.Context, cfg config) (*bench, error) {
 		return b, fmt.Errorf("start cluster: %w", err)
 	}
 	b.srv = srv
-	admin, err := pgx.Connect(ctx, srv.AdminDSN)
-	if err != nil {
-		return b, fmt.Errorf("connect admin: %w", err)
-	}
-	defer admin.Close(ctx)
-	if _, err := admin.Exec(ctx, "CREATE DATABASE "+pgsql.Ident(benchDB)); err != nil {
-		return b, fmt.Errorf("create database: %w", err)
-	}
 	acfg, err := pgx.ParseConfig(srv.AdminDSN)
 	if err != nil {
 		return b, fmt.Errorf("parse admin DSN: %w", err)
 	}
 	b.host, b.port = acfg.Host, acfg.Port
-	b.dsn = fmt.Sprintf("postgres://%s@%s:%d/%s?sslmode=disable", acfg.User, acfg.Host, acfg.Port, benchDB)
-	if b.pool, err = pgxpool.New(ctx, b.dsn); err != nil {
-		return b, fmt.Errorf("pool: %w", err)
+	b.admin = srv.AdminDSN
+	b.dsn = b.dbDSN(benchDB)
+	if err := b.createSeed(ctx); err != nil {
+		return b, err
+	}
+	if err := b.fresh(ctx); err != nil {
+		return b, err
 	}
 	if err := b.readSettings(ctx); err != nil {
 		return b, err
@@ -166,29 +168,33 @@ func (b *bench) readMachine(ctx context.Context) machine {
 	return m
 }
 
-// loadData creates customers (once) and orders (every call: a fresh, identical
-// table), then vacuums, analyzes and checkpoints so that every scenario starts
-// from the same state. Values are deterministic functions of the row number.
-func (b *bench) loadData(ctx context.Context) error {
+func (b *bench) dbDSN(db string) string {
+	return fmt.Sprintf("postgres://postgres@%s:%d/%s?sslmode=disable", b.host, b.port, db)
+}
+
+// createSeed creates the seed database with customers and orders, loaded the
+// fast way (rows first; key, foreign key and indexes after), vacuumed,
+// analyzed and checkpointed. Values are deterministic functions of the row
+// number.
+func (b *bench) createSeed(ctx context.Context) error {
 	start := time.Now()
-	c, err := b.pool.Acquire(ctx)
+	admin, err := pgx.Connect(ctx, b.admin)
 	if err != nil {
-		return fmt.Errorf("acquire: %w", err)
+		return fmt.Errorf("connect admin: %w", err)
 	}
-	defer c.Release()
-	var haveCustomers bool
-	if err := c.QueryRow(ctx, "SELECT to_regclass('public.customers') IS NOT NULL").Scan(&haveCustomers); err != nil {
-		return fmt.Errorf("look for customers: %w", err)
+	_, err = admin.Exec(ctx, "CREATE DATABASE "+pgsql.Ident(seedDB))
+	admin.Close(ctx)
+	if err != nil {
+		return fmt.Errorf("create seed database: %w", err)
 	}
-	stmts := []string{}
-	if !haveCustomers {
-		stmts = append(stmts,
-			`CREATE TABLE public.customers (id int PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`,
-			fmt.Sprintf(`INSERT INTO public.customers (id, name) SELECT i, 'customer ' || i FROM generate_series(1, %d) i`, b.cfg.Customers),
-			`VACUUM (ANALYZE) public.customers`)
+	c, err := pgx.Connect(ctx, b.dbDSN(seedDB))
+	if err != nil {
+		return fmt.Errorf("connect seed: %w", err)
 	}
-	// Load first, then key, foreign key and indexes: the fast path for a fresh table.
-	stmts = append(stmts,
+	defer c.Close(ctx)
+	stmts := []string{
+		`CREATE TABLE public.customers (id int PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())`,
+		fmt.Sprintf(`INSERT INTO public.customers (id, name) SELECT i, 'customer ' || i FROM generate_series(1, %d) i`, b.cfg.Customers),
 		`CREATE TABLE public.orders (
 			id serial,
 			customer_id int,
@@ -207,83 +213,69 @@ func (b *bench) loadData(ctx context.Context) error {
 		`ALTER TABLE public.orders ADD FOREIGN KEY (customer_id) REFERENCES public.customers (id)`,
 		`CREATE INDEX orders_customer_id_idx ON public.orders (customer_id)`,
 		`CREATE INDEX orders_created_at_idx ON public.orders (created_at)`,
-		`VACUUM (ANALYZE) public.orders`,
-		`CHECKPOINT`)
-	for _, s := range stmts {
-		if _, err := c.Exec(ctx, s); err != nil {
-			return fmt.Errorf("load data: %s: %w", firstLine(s), err)
+		`VACUUM (ANALYZE)`,
+		`CHECKPOINT`,
+	}
+	for _, st := range stmts {
+		if _, err := c.Exec(ctx, st); err != nil {
+			return fmt.Errorf("load data: %s: %w", firstLine(st), err)
 		}
 	}
-	logf("orders: %d rows loaded in %.1fs", b.cfg.Rows, time.Since(start).Seconds())
+	logf("seed: customers %d rows, orders %d rows, loaded in %.1fs", b.cfg.Customers, b.cfg.Rows, time.Since(start).Seconds())
 	return nil
 }
 
-// resetOrders returns the database to a clean slate whatever a scenario left:
-// every schema but public (and pg_repack's), every relation and function in
-// public but customers, replication slots and publications, then fresh orders.
-// The bench owns this cluster, so nothing else can live there.
-func (b *bench) resetOrders(ctx context.Context) error {
-	if err := b.dropLeftovers(ctx); err != nil {
-		return err
+// fresh replaces the bench database by a file-level clone of the seed, so
+// every scenario that needs it starts from byte-identical data, whatever the
+// previous one left (tables, views, schemas, triggers, publications). Logical
+// slots on the old database are dropped first: they would block DROP DATABASE.
+func (b *bench) fresh(ctx context.Context) error {
+	start := time.Now()
+	if b.pool != nil {
+		b.pool.Close()
+		b.pool = nil
 	}
-	return b.loadData(ctx)
-}
-
-func (b *bench) dropLeftovers(ctx context.Context) error {
-	c, err := b.pool.Acquire(ctx)
+	admin, err := pgx.Connect(ctx, b.admin)
 	if err != nil {
-		return fmt.Errorf("acquire: %w", err)
+		return fmt.Errorf("connect admin: %w", err)
 	}
-	defer c.Release()
-	var drops []string
-	collect := func(q string, render func(a, b string) string) error {
-		rows, err := c.Query(ctx, q)
-		if err != nil {
-			return fmt.Errorf("reset: list: %w", err)
+	defer admin.Close(ctx)
+	if _, err := admin.Exec(ctx, `SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots
+		WHERE database = $1 AND active_pid IS NOT NULL`, benchDB); err != nil {
+		return fmt.Errorf("stop slot consumers: %w", err)
+	}
+	// A terminated walsender releases its slot as it exits: wait for that
+	// (bounded), then drop every slot of the database.
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		var active int
+		if err := admin.QueryRow(ctx, `SELECT count(*) FROM pg_replication_slots WHERE database = $1 AND active`, benchDB).Scan(&active); err != nil {
+			return fmt.Errorf("slots: %w", err)
 		}
-		defer rows.Close()
-		for rows.Next() {
-			var x, y string
-			if err := rows.Scan(&x, &y); err != nil {
-				return fmt.Errorf("reset: scan: %w", err)
-			}
-			drops = append(drops, render(x, y))
+		if active == 0 {
+			break
 		}
-		return rows.Err()
+		if time.Now().After(deadline) {
+			return fmt.Errorf("%d replication slots of %s still active after their consumers were terminated", active, benchDB)
+		}
+		// Polling a catalog view: PostgreSQL offers nothing to wait on here.
+		time.Sleep(50 * time.Millisecond)
 	}
-	if err := collect(`SELECT slot_name::text, '' FROM pg_replication_slots WHERE NOT active`,
-		func(a, _ string) string { return "SELECT pg_drop_replication_slot(" + pgsql.Literal(a) + ")" }); err != nil {
-		return err
+	if _, err := admin.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE database = $1`, benchDB); err != nil {
+		return fmt.Errorf("drop slots: %w", err)
 	}
-	if err := collect(`SELECT pubname::text, '' FROM pg_publication`,
-		func(a, _ string) string { return "DROP PUBLICATION IF EXISTS " + pgsql.Ident(a) }); err != nil {
-		return err
-	}
-	if err := collect(`SELECT n.nspname::text, '' FROM pg_namespace n
-		WHERE n.nspname NOT IN ('public', 'information_schema', 'repack') AND n.nspname NOT LIKE 'pg\_%'`,
-		func(a, _ string) string { return "DROP SCHEMA IF EXISTS " + pgsql.Ident(a) + " CASCADE" }); err != nil {
-		return err
-	}
-	if err := collect(`SELECT c.relname::text, CASE c.relkind WHEN 'v' THEN 'VIEW' WHEN 'm' THEN 'MATERIALIZED VIEW' ELSE 'TABLE' END
-		FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-		WHERE n.nspname = 'public' AND c.relkind IN ('r', 'p', 'v', 'm') AND c.relname <> 'customers'`,
-		func(a, kind string) string {
-			return "DROP " + kind + " IF EXISTS " + pgsql.QualifiedName{Schema: "public", Name: a}.Quoted() + " CASCADE"
-		}); err != nil {
-		return err
-	}
-	if err := collect(`SELECT p.oid::regprocedure::text, '' FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-		LEFT JOIN pg_depend d ON d.objid = p.oid AND d.deptype = 'e'
-		WHERE n.nspname = 'public' AND d.objid IS NULL`,
-		// regprocedure's text form is already a quoted signature.
-		func(a, _ string) string { return "DROP FUNCTION IF EXISTS " + a + " CASCADE" }); err != nil {
-		return err
-	}
-	for _, d := range drops {
-		if _, err := c.Exec(ctx, d); err != nil {
-			return fmt.Errorf("reset: %s: %w", d, err)
+	for _, st := range []string{
+		"DROP DATABASE IF EXISTS " + pgsql.Ident(benchDB) + " WITH (FORCE)",
+		"CREATE DATABASE " + pgsql.Ident(benchDB) + " TEMPLATE " + pgsql.Ident(seedDB) + " STRATEGY FILE_COPY",
+	} {
+		if _, err := admin.Exec(ctx, st); err != nil {
+			return fmt.Errorf("%s: %w", st, err)
 		}
 	}
+	if b.pool, err = pgxpool.New(ctx, b.dsn); err != nil {
+		return fmt.Errorf("pool: %w", err)
+	}
+	logf("fresh %s database cloned from %s in %.1fs", benchDB, seedDB, time.Since(start).Seconds())
 	return nil
 }
 

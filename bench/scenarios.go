@@ -22,9 +22,6 @@ func (b *bench) runAll(ctx context.Context) (*results, error) {
 	if la, n := b.machine.LoadAvg, float64(b.machine.Cores); la > n/2 {
 		r.note("the machine was busy when the run began (load average %.2f on %d cores): absolute figures are depressed; the ratios divide by a reference window from the same pgbench run", la, b.machine.Cores)
 	}
-	if err := b.loadData(ctx); err != nil {
-		return nil, err
-	}
 	steps := []struct {
 		name string
 		fn   func(context.Context, *results) error
@@ -65,7 +62,7 @@ func (b *bench) clean(ctx context.Context) error {
 	if !b.dirty {
 		return nil
 	}
-	if err := b.resetOrders(ctx); err != nil {
+	if err := b.fresh(ctx); err != nil {
 		return err
 	}
 	b.dirty = false
