@@ -1,0 +1,160 @@
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"path/filepath"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+)
+
+// The JSON carries exactly issue 8's keys (plus machine and settings), with
+// null for what was not measured.
+func TestJSONKeysExactly(t *testing.T) {
+	b := &bench{cfg: config{Rows: 1000, Clients: 4, Threads: 2, Load: 20 * time.Second}, settings: map[string]string{"fsync": "on"}}
+	r := newResults(1000)
+	r.BaselineTPS = some(700)
+	r.Trigger.allNone("not built")
+	r.Logical.allNone("not built")
+	data, err := json.Marshal(b.jsonOf(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var got map[string]any
+	if err := json.Unmarshal(data, &got); err != nil {
+		t.Fatal(err)
+	}
+	keys := func(m map[string]any) string {
+		var ks []string
+		for k := range m {
+			ks = append(ks, k)
+		}
+		sort.Strings(ks)
+		return strings.Join(ks, ",")
+	}
+	if k := keys(got); k != "baseline_tps,logical,machine,offline_alter_max_latency_ms,raw_copy_s,rows,settings,trigger" {
+		t.Errorf("top-level keys: %s", k)
+	}
+	if k := keys(got["trigger"].(map[string]any)); k != "copy_idle_s,copy_load_s,cutover_max_latency_ms,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio,verify_rows_per_s" {
+		t.Errorf("trigger keys: %s", k)
+	}
+	if k := keys(got["logical"].(map[string]any)); k != "copy_idle_s,copy_load_s,cutover_max_latency_ms,lag_p99_s,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio" {
+		t.Errorf("logical keys: %s", k)
+	}
+	if got["baseline_tps"] != 700.0 || got["raw_copy_s"] != nil || got["trigger"].(map[string]any)["copy_idle_s"] != nil {
+		t.Errorf("values: baseline %v, raw %v, trigger.copy_idle_s %v", got["baseline_tps"], got["raw_copy_s"], got["trigger"].(map[string]any)["copy_idle_s"])
+	}
+}
+
+func at(sec float64) int64 { return int64(sec * 1e6) }
+
+// Throughput and percentiles count what ended in the window; the maximum
+// counts whatever overlapped it, so a stalled transaction ending later shows.
+func TestWindow(t *testing.T) {
+	l := &txlog{covered: at(100)}
+	for i := 0; i < 100; i++ { // 10 ms transactions ending every 100 ms from 10 s
+		l.txs = append(l.txs, tx{end: at(10 + float64(i)*0.1), lat: 10_000})
+	}
+	l.txs = append(l.txs, tx{end: at(22), lat: 3_000_000}) // began at 19 s, inside [15, 20)
+	l.txs = append(l.txs, tx{end: at(16), failed: true})
+	sort.Slice(l.txs, func(i, j int) bool { return l.txs[i].end < l.txs[j].end })
+	s, err := l.window(time.UnixMicro(at(15)), time.UnixMicro(at(20)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.N != 50 || s.TPS != 10 || s.Failed != 1 {
+		t.Errorf("N %d TPS %v failed %d, want 50, 10, 1", s.N, s.TPS, s.Failed)
+	}
+	if s.P99ms != 10 || s.MaxMs != 3000 {
+		t.Errorf("p99 %v max %v, want 10 and 3000", s.P99ms, s.MaxMs)
+	}
+	if n := l.errorsBetween(time.UnixMicro(at(0)), time.UnixMicro(at(100))); n != 1 {
+		t.Errorf("errors %d, want 1", n)
+	}
+	if _, err := l.window(time.UnixMicro(at(90)), time.UnixMicro(at(101))); err == nil {
+		t.Error("a window past the log's coverage must be an error")
+	}
+	if _, err := l.window(time.UnixMicro(at(50)), time.UnixMicro(at(60))); err == nil {
+		t.Error("a window without transactions must be an error")
+	}
+}
+
+// Per-transaction logs from two threads, a torn last line, failures, and
+// clients aborted on errors.
+func TestReadTxLogs(t *testing.T) {
+	dir := t.TempDir()
+	prefix := filepath.Join(dir, "tx-x")
+	write := func(name, s string) {
+		if err := os.WriteFile(name, []byte(s), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write(prefix+".42", "0 0 3098 0 1795846358 190853\n0 1 failed 0 1795846358 290853\n1 0 2500 0 1795846359 1000\n1 1 25")
+	write(prefix+".42.1", "2 0 1500 0 1795846358 500000 0\n3 0 deadlock 0 1795846358 600000 0\n")
+	write(filepath.Join(dir, "err.log"), "progress: 1.0 s, 10 tps\n"+
+		"pgbench: error: client 3 script 0 aborted in command 7 query 0: ERROR:  relation \"orders\" does not exist\n"+
+		"pgbench: error: client 1 script 0 aborted in command 7 query 0: ERROR:  relation \"orders\" does not exist\n")
+	l, err := readTxLogs(prefix, filepath.Join(dir, "err.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(l.txs) != 5 {
+		t.Fatalf("%d transactions, want 5", len(l.txs))
+	}
+	failed := 0
+	for _, x := range l.txs {
+		if x.failed {
+			failed++
+		}
+	}
+	if failed != 2 || l.aborted != 2 {
+		t.Errorf("failed %d aborted %d, want 2 and 2", failed, l.aborted)
+	}
+	if len(l.errors) != 1 || !strings.HasPrefix(l.errors[0], "2× ERROR:  relation") {
+		t.Errorf("errors %q", l.errors)
+	}
+	if want := at(1795846358) + 600000; l.covered != want {
+		t.Errorf("covered %d, want %d (the earlier of the files' last transactions)", l.covered, want)
+	}
+}
+
+// status JSON is read loosely: nesting, numbers as strings, missing keys, and
+// log lines around the object.
+func TestStatusDecoding(t *testing.T) {
+	m := decodeObject("{\"level\":\"info\"}\n" + `{"id":"x","phase":"ready","last_cutover":{"lock_wait_ms":"3.5","lock_hold_ms":12},"verify":null}`)
+	if m == nil || str(m, "phase") != "ready" {
+		t.Fatalf("decoded %v", m)
+	}
+	if v, ok := num(m, "last_cutover", "lock_wait_ms"); !ok || v != 3.5 {
+		t.Errorf("lock_wait_ms %v %v", v, ok)
+	}
+	if v, ok := num(m, "last_cutover", "lock_hold_ms"); !ok || v != 12 {
+		t.Errorf("lock_hold_ms %v %v", v, ok)
+	}
+	if _, ok := num(m, "verify", "rows"); ok {
+		t.Error("verify is null: no rows")
+	}
+	if _, ok := num(nil, "x"); ok {
+		t.Error("nil map")
+	}
+	if decodeObject("not json") != nil {
+		t.Error("no object")
+	}
+}
+
+func TestCLIReasons(t *testing.T) {
+	r := cliResult{args: []string{"start"}, exit: 3, stderr: "shadowctl: No help topic for 'start'\n"}
+	if !r.notImplemented() || r.reason() != "shadowctl start is not implemented in this build (No help topic for 'start')" {
+		t.Errorf("reason %q", r.reason())
+	}
+	r = cliResult{args: []string{"cutover"}, exit: 1, stderr: "{\"level\":\"warn\"}\nshadowctl: lock timeout after 5 attempts\n"}
+	if r.notImplemented() || r.reason() != "shadowctl cutover failed (exit 1): lock timeout after 5 attempts" {
+		t.Errorf("reason %q", r.reason())
+	}
+	r.timedOut = time.Minute
+	if !strings.Contains(r.reason(), "did not finish within 1m0s") {
+		t.Errorf("reason %q", r.reason())
+	}
+}

@@ -1,0 +1,610 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"sort"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+)
+
+// runAll measures every scenario in one run. Harness failures (the database,
+// pgbench) end the run with an error; failures of the tools under test become
+// "not measured" figures with their reason.
+func (b *bench) runAll(ctx context.Context) (*results, error) {
+	r := newResults(b.cfg.Rows)
+	defer func() { r.Duration = time.Since(r.Started) }()
+	if la, n := b.machine.LoadAvg, float64(b.machine.Cores); la > n/2 {
+		r.note("the machine was busy when the run began (load average %.2f on %d cores): absolute figures are depressed; the ratios divide by a reference window from the same pgbench run", la, b.machine.Cores)
+	}
+	steps := []struct {
+		name string
+		fn   func(context.Context, *results) error
+	}{
+		{"raw limit", b.rawCopy},
+		{"baseline", b.baseline},
+		{"shadowctl trigger", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "trigger", &r.Trigger) }},
+		{"shadowctl logical", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "logical", &r.Logical) }},
+		{"pg_repack", b.repack},
+		{"offline ALTER", b.offlineAlter},
+	}
+	var loads []string
+	defer func() {
+		r.note("load average (1 min) at the start of each scenario: %s", strings.Join(loads, ", "))
+	}()
+	for _, s := range steps {
+		loads = append(loads, fmt.Sprintf("%s %.1f", s.name, loadAvg()))
+		logf("— %s", s.name)
+		if err := s.fn(ctx, r); err != nil {
+			return nil, fmt.Errorf("%s: %w", s.name, err)
+		}
+	}
+	r.Duration = time.Since(r.Started)
+	return r, nil
+}
+
+// loadAvg is the machine's 1-minute load average (0 when unknown).
+func loadAvg() float64 {
+	var la float64
+	if data, err := os.ReadFile("/proc/loadavg"); err == nil {
+		_, _ = fmt.Sscanf(string(data), "%g", &la)
+	}
+	return la
+}
+
+// dirty is set when a scenario may have changed orders; clean resets it.
+func (b *bench) clean(ctx context.Context) error {
+	if !b.dirty {
+		return nil
+	}
+	if err := b.fresh(ctx); err != nil {
+		return err
+	}
+	b.dirty = false
+	return b.checkpoint(ctx)
+}
+
+// rawCopy is PostgreSQL's own limit for the change: one INSERT … SELECT with
+// the same mapping into a table that has only its key, then the two secondary
+// index builds, on an idle database.
+func (b *bench) rawCopy(ctx context.Context, r *results) error {
+	if err := b.checkpoint(ctx); err != nil {
+		return err
+	}
+	c, err := b.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("acquire: %w", err)
+	}
+	defer c.Release()
+	if _, err := c.Exec(ctx, `CREATE TABLE public.scratch (
+		id bigint PRIMARY KEY, customer_id int, customer_name text,
+		amount numeric(12,2), status text, created_at timestamptz DEFAULT now())`); err != nil {
+		return fmt.Errorf("create scratch: %w", err)
+	}
+	t0 := time.Now()
+	tag, err := c.Exec(ctx, `INSERT INTO public.scratch (id, customer_id, customer_name, amount, status, created_at)
+		SELECT id::bigint, customer_id, customer_name, amount::numeric(12,2), status, created_at FROM public.orders`)
+	if err != nil {
+		return fmt.Errorf("copy into scratch: %w", err)
+	}
+	t1 := time.Now()
+	for _, s := range []string{
+		`CREATE INDEX scratch_customer_id_idx ON public.scratch (customer_id)`,
+		`CREATE INDEX scratch_created_at_idx ON public.scratch (created_at)`,
+	} {
+		if _, err := c.Exec(ctx, s); err != nil {
+			return fmt.Errorf("index scratch: %w", err)
+		}
+	}
+	t2 := time.Now()
+	if _, err := c.Exec(ctx, `DROP TABLE public.scratch`); err != nil {
+		return fmt.Errorf("drop scratch: %w", err)
+	}
+	// The same copy into a table that already has its secondary indexes: the
+	// effect of the "indexes after the bulk copy" lever at PostgreSQL's level.
+	for _, st := range []string{
+		`CREATE TABLE public.scratch (
+			id bigint PRIMARY KEY, customer_id int, customer_name text,
+			amount numeric(12,2), status text, created_at timestamptz DEFAULT now())`,
+		`CREATE INDEX scratch_customer_id_idx ON public.scratch (customer_id)`,
+		`CREATE INDEX scratch_created_at_idx ON public.scratch (created_at)`,
+		`CHECKPOINT`,
+	} {
+		if _, err := c.Exec(ctx, st); err != nil {
+			return fmt.Errorf("indexed scratch: %w", err)
+		}
+	}
+	t3 := time.Now()
+	if _, err := c.Exec(ctx, `INSERT INTO public.scratch (id, customer_id, customer_name, amount, status, created_at)
+		SELECT id::bigint, customer_id, customer_name, amount::numeric(12,2), status, created_at FROM public.orders`); err != nil {
+		return fmt.Errorf("copy into indexed scratch: %w", err)
+	}
+	r.RawIndexedS = some(time.Since(t3).Seconds())
+	if _, err := c.Exec(ctx, `DROP TABLE public.scratch`); err != nil {
+		return fmt.Errorf("drop scratch: %w", err)
+	}
+	n := float64(tag.RowsAffected())
+	r.RawRows = some(n)
+	r.RawInsertS = some(t1.Sub(t0).Seconds())
+	r.RawIndexS = some(t2.Sub(t1).Seconds())
+	r.RawCopyS = some(t2.Sub(t0).Seconds())
+	r.RawRowsPerS = some(n / t2.Sub(t0).Seconds())
+	logf("raw copy: %.0f rows in %.2fs (insert %.2fs, indexes %.2fs)", n, t2.Sub(t0).Seconds(), t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds())
+	return b.checkpoint(ctx)
+}
+
+// baseline is the workload alone for one load window.
+func (b *bench) baseline(ctx context.Context, r *results) error {
+	if err := b.clean(ctx); err != nil {
+		return err
+	}
+	b.dirty = true
+	w, err := b.startWorkload(ctx, "baseline")
+	if err != nil {
+		return err
+	}
+	t0 := time.Now()
+	if err := w.hold(ctx, b.cfg.Load); err != nil {
+		w.kill()
+		return err
+	}
+	t1 := time.Now()
+	// A margin after the window: pgbench's last buffered log lines are lost at stop.
+	if err := w.hold(ctx, b.cfg.After); err != nil {
+		w.kill()
+		return err
+	}
+	l, err := w.stop()
+	if err != nil {
+		return err
+	}
+	s, err := l.window(t0, t1)
+	if err != nil {
+		return fmt.Errorf("baseline window: %w", err)
+	}
+	r.BaselineTPS, r.BaselineP50, r.BaselineP99, r.BaselineMax = some(s.TPS), some(s.P50ms), some(s.P99ms), some(s.MaxMs)
+	errs := l.errorsBetween(t0, t1)
+	r.BaselineErrors = some(float64(errs))
+	if errs > 0 {
+		r.note("baseline workload errors: %s", strings.Join(l.errors, "; "))
+	}
+	logf("baseline: %.0f TPS, p50 %.2f ms, p99 %.2f ms, max %.1f ms, %d errors", s.TPS, s.P50ms, s.P99ms, s.MaxMs, errs)
+	return nil
+}
+
+// shadowctlMode measures one sync mode through the CLI: time to ready on an
+// idle database (then abort), and under the workload: time to ready, the
+// workload during the copy, at ready (sync only) and across the cutover, then
+// finalize and reset.
+func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *modeResult) error {
+	if _, err := os.Stat(b.cfg.Bin); err != nil {
+		m.allNone(fmt.Sprintf("%s not found (run `make build`)", b.cfg.Bin))
+		return nil
+	}
+	if ok, why := b.hasCommand(ctx, "start"); !ok {
+		m.allNone(why)
+		return nil
+	}
+	if err := b.clean(ctx); err != nil {
+		return err
+	}
+	if ir := b.shadowctl(ctx, mode+"-init", "init"); !ir.ok() {
+		m.allNone(ir.reason())
+		return nil
+	}
+	var rssKB int64
+	// A start that never reaches ready must not hang the run: allow 30× the
+	// raw limit, at least 3 minutes.
+	startLimit := 3 * time.Minute
+	if r.RawCopyS.known() {
+		startLimit = max(startLimit, time.Duration(30*r.RawCopyS.val()*float64(time.Second)))
+	}
+	startArgs := func(id string) []string {
+		return []string{"start", "--table", "public.orders", "--alter", alterSpec, "--sync", mode, "--until", "ready", "--name", id}
+	}
+
+	// Idle: time to ready, then abort.
+	idleID := "bench-" + mode + "-idle"
+	logf("%s: start on an idle database", mode)
+	sr := b.shadowctlWithin(ctx, startLimit, idleID+"-start", startArgs(idleID)...)
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	if !sr.ok() {
+		if !sr.notImplemented() {
+			b.dirty = true
+		}
+		m.allNone(sr.reason())
+		b.shadowctl(ctx, idleID+"-abort", "abort", idleID)
+		return nil
+	}
+	b.dirty = true
+	rssKB = max(rssKB, sr.maxRSSKB)
+	m.CopyIdleS = some(sr.dur.Seconds())
+	idleStatus, str0 := b.status(ctx, idleID)
+	idleWhy := ""
+	if idleStatus != nil && str(idleStatus, "phase") != "" && str(idleStatus, "phase") != "ready" {
+		r.note("%s idle run: start exited 0 but phase is %q", mode, str(idleStatus, "phase"))
+	} else if idleStatus == nil {
+		idleWhy = str0.reason()
+		r.note("%s idle run: %s", mode, idleWhy)
+	}
+	logf("%s: ready after %.2fs idle", mode, sr.dur.Seconds())
+	if ar := b.shadowctl(ctx, idleID+"-abort", "abort", idleID); !ar.ok() {
+		r.note("%s idle run: %s", mode, ar.reason())
+	}
+	if err := b.clean(ctx); err != nil {
+		return err
+	}
+
+	// Under load.
+	loadID := "bench-" + mode + "-load"
+	b.dirty = true
+	w, err := b.startWorkload(ctx, "shadowctl-"+mode)
+	if err != nil {
+		return err
+	}
+	defer w.kill()
+	lag := &lagPoller{}
+	pollCtx, stopPoll := context.WithCancel(ctx)
+	defer stopPoll()
+	var pollWG sync.WaitGroup
+	if mode == "logical" {
+		pollWG.Add(1)
+		go func() { defer pollWG.Done(); b.pollLag(pollCtx, loadID, lag) }()
+	}
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		return err
+	}
+	logf("%s: start under load", mode)
+	t0 := time.Now()
+	sr = b.shadowctlWithin(ctx, startLimit, loadID+"-start", startArgs(loadID)...)
+	t1 := time.Now()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	rssKB = max(rssKB, sr.maxRSSKB)
+	if !sr.ok() {
+		stopPoll()
+		pollWG.Wait()
+		l, lerr := w.stop()
+		if lerr != nil {
+			return lerr
+		}
+		why := sr.reason()
+		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.CutoverMaxLatencyMs,
+			&m.LockWaitMs, &m.LockHoldMs, &m.LagP99S, &m.LagMaxS} {
+			*f = none(why)
+		}
+		m.RefTPS = b.reference(l, tPre, t0, r)
+		m.Errors = some(float64(l.errorsBetween(t0, t1)))
+		b.finishMode(m, rssKB, nil, idleStatus, idleWhy, false)
+		b.shadowctl(ctx, loadID+"-abort", "abort", loadID)
+		return b.clean(ctx)
+	}
+	m.CopyLoadS = some(t1.Sub(t0).Seconds())
+	logf("%s: ready after %.2fs under load; sync-only window %s", mode, t1.Sub(t0).Seconds(), b.cfg.SyncWin)
+	if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready"); err != nil {
+		return err
+	}
+	t2 := time.Now()
+	var cr cliResult
+	hasCutover, why := b.hasCommand(ctx, "cutover")
+	tc0 := time.Now()
+	if hasCutover {
+		cr = b.shadowctlWithin(ctx, 2*time.Minute, loadID+"-cutover", "cutover", loadID, "--lock-timeout", "100ms")
+		rssKB = max(rssKB, cr.maxRSSKB)
+	}
+	tc1 := time.Now()
+	if err := w.holdOrNote(ctx, b.cfg.After, r, mode+" run, after cutover"); err != nil {
+		return err
+	}
+	t3 := time.Now()
+	stopPoll()
+	pollWG.Wait()
+	l, err := w.stop()
+	if err != nil {
+		return err
+	}
+	ref := b.reference(l, tPre, t0, r)
+	m.RefTPS = ref
+	if s, err := l.window(t0, t1); err == nil {
+		m.TPSRatio = ratio(some(s.TPS), ref)
+		m.P99Ms = some(s.P99ms)
+	} else {
+		m.TPSRatio, m.P99Ms = none(err.Error()), none(err.Error())
+	}
+	if s, err := l.window(t1, t2); err == nil {
+		m.SyncTPSRatio = ratio(some(s.TPS), ref)
+	} else {
+		m.SyncTPSRatio = none(err.Error())
+	}
+	switch {
+	case !hasCutover:
+		m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = none(why), none(why), none(why)
+	case !cr.ok():
+		m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = none(cr.reason()), none(cr.reason()), none(cr.reason())
+	default:
+		if s, err := l.window(tc0, tc1); err == nil {
+			m.CutoverMaxLatencyMs = some(s.MaxMs)
+		} else {
+			m.CutoverMaxLatencyMs = none(err.Error())
+		}
+	}
+	errs := l.errorsBetween(t0, t3)
+	m.Errors = some(float64(errs))
+	if errs > 0 {
+		r.note("%s run: %d workload errors: %s", mode, errs, strings.Join(l.errors, "; "))
+	}
+	if mode == "logical" {
+		m.LagP99S, m.LagMaxS = lag.figures()
+	}
+	loadStatus, stR := b.status(ctx, loadID)
+	loadWhy := ""
+	if loadStatus == nil {
+		loadWhy = stR.reason()
+		r.note("%s load run: %s", mode, loadWhy)
+	}
+	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy, hasCutover && cr.ok())
+	if hasCutover && cr.ok() {
+		if fr := b.shadowctl(ctx, loadID+"-finalize", "finalize", loadID, "--force"); !fr.ok() {
+			r.note("%s load run: %s", mode, fr.reason())
+		}
+	} else if ar := b.shadowctl(ctx, loadID+"-abort", "abort", loadID); !ar.ok() {
+		r.note("%s load run: %s", mode, ar.reason())
+	}
+	return b.clean(ctx)
+}
+
+// finishMode fills the figures read from status JSON (load run first, idle
+// run as fallback for verification) and the peak RSS.
+func (b *bench) finishMode(m *modeResult, rssKB int64, load, idle map[string]any, statusWhy string, cutoverOK bool) {
+	if rssKB > 0 {
+		m.PeakRSSMB = some(float64(rssKB) / 1024)
+	} else {
+		m.PeakRSSMB = none("no rusage for the shadowctl process")
+	}
+	if load == nil && cutoverOK {
+		m.LockWaitMs, m.LockHoldMs = none(statusWhy), none(statusWhy)
+	}
+	if load != nil && cutoverOK {
+		if v, ok := num(load, "last_cutover", "lock_wait_ms"); ok {
+			m.LockWaitMs = some(v)
+		} else {
+			m.LockWaitMs = none("status JSON has no last_cutover.lock_wait_ms")
+		}
+		if v, ok := num(load, "last_cutover", "lock_hold_ms"); ok {
+			m.LockHoldMs = some(v)
+		} else {
+			m.LockHoldMs = none("status JSON has no last_cutover.lock_hold_ms")
+		}
+	}
+	m.VerifyRowsPerS = none("status JSON has no verify.rows / verify.seconds")
+	if load == nil && idle == nil {
+		m.VerifyRowsPerS = none(statusWhy)
+	}
+	for _, st := range []map[string]any{load, idle} {
+		rows, ok1 := num(st, "verify", "rows")
+		secs, ok2 := num(st, "verify", "seconds")
+		if ok1 && ok2 && secs > 0 {
+			m.VerifyRowsPerS = some(rows / secs)
+			break
+		}
+	}
+}
+
+// reference is the workload's TPS in the same pgbench run just before the
+// measured operation starts: the baseline the ratios divide by. Taken from the
+// same run, it cancels the drift between scenarios (table growth, bloat, the
+// machine's other load) that a ratio to the opening baseline would carry.
+func (b *bench) reference(l *txlog, from, to time.Time, r *results) M {
+	s, err := l.window(from, to)
+	if err != nil {
+		return none("reference window: " + err.Error())
+	}
+	if r.BaselineTPS.known() && s.TPS < 0.8*r.BaselineTPS.val() {
+		r.note("reference window %s–%s: %.0f TPS, under 80%% of the opening baseline (%.0f): the machine was busier",
+			from.Format("15:04:05"), to.Format("15:04:05"), s.TPS, r.BaselineTPS.val())
+	}
+	return some(s.TPS)
+}
+
+// lagPoller collects sync_lag_seconds samples from status JSON.
+type lagPoller struct {
+	mu      sync.Mutex
+	samples []float64
+	why     string
+}
+
+func (b *bench) pollLag(ctx context.Context, id string, lp *lagPoller) {
+	t := time.NewTicker(time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		st, _ := b.status(ctx, id)
+		if st == nil {
+			continue
+		}
+		v, ok := num(st, "sync_lag_seconds")
+		lp.mu.Lock()
+		if ok {
+			lp.samples = append(lp.samples, v)
+		} else {
+			lp.why = "status JSON has no sync_lag_seconds"
+		}
+		lp.mu.Unlock()
+	}
+}
+
+func (lp *lagPoller) figures() (p99, maxv M) {
+	lp.mu.Lock()
+	defer lp.mu.Unlock()
+	if len(lp.samples) == 0 {
+		why := lp.why
+		if why == "" {
+			why = "no status sample while the sync ran"
+		}
+		return none(why), none(why)
+	}
+	s := append([]float64(nil), lp.samples...)
+	sort.Float64s(s)
+	idx := min(max(int(float64(len(s))*0.99+0.999999)-1, 0), len(s)-1)
+	return some(s[idx]), some(s[len(s)-1])
+}
+
+// repack runs pg_repack --table orders under the workload, installing the
+// Debian package when missing and running as root.
+func (b *bench) repack(ctx context.Context, r *results) error {
+	fail := func(why string) error {
+		r.RepackS, r.RepackTPSRatio, r.RepackMaxMs, r.RepackErrors = none(why), none(why), none(why), none(why)
+		return nil
+	}
+	bin, why := b.ensureRepack(ctx)
+	if bin == "" {
+		return fail(why)
+	}
+	if err := b.clean(ctx); err != nil {
+		return err
+	}
+	if _, err := b.pool.Exec(ctx, "CREATE EXTENSION IF NOT EXISTS pg_repack"); err != nil {
+		return fail(fmt.Sprintf("CREATE EXTENSION pg_repack: %v", err))
+	}
+	b.dirty = true
+	w, err := b.startWorkload(ctx, "repack")
+	if err != nil {
+		return err
+	}
+	defer w.kill()
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		return err
+	}
+	t0 := time.Now()
+	cmd := exec.CommandContext(ctx, bin, "-h", b.host, "-p", strconv.Itoa(int(b.port)), "-U", "postgres",
+		"-d", benchDB, "--table", "public.orders")
+	out, rerr := cmd.CombinedOutput()
+	t1 := time.Now()
+	_ = os.WriteFile(filepath.Join(b.work, "pg_repack.out"), out, 0o644)
+	if err := w.holdOrNote(ctx, b.cfg.After, r, "pg_repack run"); err != nil {
+		return err
+	}
+	t2 := time.Now()
+	l, err := w.stop()
+	if err != nil {
+		return err
+	}
+	if rerr != nil {
+		return fail(fmt.Sprintf("pg_repack failed: %v: %s", rerr, tail(string(out), 300)))
+	}
+	s, err := l.window(t0, t1)
+	if err != nil {
+		return fail(err.Error())
+	}
+	r.RepackS = some(t1.Sub(t0).Seconds())
+	r.RepackTPSRatio = ratio(some(s.TPS), b.reference(l, tPre, t0, r))
+	r.RepackMaxMs = some(s.MaxMs)
+	r.RepackErrors = some(float64(l.errorsBetween(t0, t2)))
+	logf("pg_repack: %.2fs, %.0f TPS, max latency %.1f ms", t1.Sub(t0).Seconds(), s.TPS, s.MaxMs)
+	return nil
+}
+
+// ensureRepack finds pg_repack beside the server, or installs
+// postgresql-<major>-repack with apt-get when root. It returns "" and the
+// reason when it cannot.
+func (b *bench) ensureRepack(ctx context.Context) (string, string) {
+	bin := filepath.Join(b.srv.BinDir, "pg_repack")
+	if _, err := os.Stat(bin); err == nil {
+		return bin, ""
+	}
+	if os.Geteuid() != 0 {
+		return "", "pg_repack is not installed and the bench is not root (apt-get install postgresql-<major>-repack)"
+	}
+	if _, err := exec.LookPath("apt-get"); err != nil {
+		return "", "pg_repack is not installed and there is no apt-get"
+	}
+	var major int
+	if err := b.pool.QueryRow(ctx, "SELECT current_setting('server_version_num')::int / 10000").Scan(&major); err != nil {
+		return "", fmt.Sprintf("server version: %v", err)
+	}
+	pkg := fmt.Sprintf("postgresql-%d-repack", major)
+	logf("installing %s", pkg)
+	install := func() ([]byte, error) {
+		c := exec.CommandContext(ctx, "apt-get", "install", "-y", "-qq", pkg)
+		c.Env = append(os.Environ(), "DEBIAN_FRONTEND=noninteractive")
+		return c.CombinedOutput()
+	}
+	out, err := install()
+	if err != nil {
+		// The package lists may be missing or stale on a fresh machine.
+		if uout, uerr := exec.CommandContext(ctx, "apt-get", "update", "-qq").CombinedOutput(); uerr != nil {
+			return "", fmt.Sprintf("apt-get update failed: %v: %s", uerr, tail(string(uout), 200))
+		}
+		if out, err = install(); err != nil {
+			return "", fmt.Sprintf("apt-get install %s failed: %v: %s", pkg, err, tail(string(out), 200))
+		}
+	}
+	if _, err := os.Stat(bin); err != nil {
+		return "", fmt.Sprintf("%s installed but %s is missing", pkg, bin)
+	}
+	return bin, ""
+}
+
+// offlineAlter is the stall shadowctl exists to avoid: the plain ALTER under
+// the workload. It runs last, since it changes the table.
+func (b *bench) offlineAlter(ctx context.Context, r *results) error {
+	if err := b.clean(ctx); err != nil {
+		return err
+	}
+	b.dirty = true
+	w, err := b.startWorkload(ctx, "offline-alter")
+	if err != nil {
+		return err
+	}
+	defer w.kill()
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		return err
+	}
+	t0 := time.Now()
+	_, aerr := b.pool.Exec(ctx, "ALTER TABLE public.orders "+alterSpec)
+	t1 := time.Now()
+	if err := w.holdOrNote(ctx, b.cfg.After, r, "offline ALTER run"); err != nil {
+		return err
+	}
+	t2 := time.Now()
+	l, err := w.stop()
+	if err != nil {
+		return err
+	}
+	if aerr != nil {
+		return fmt.Errorf("offline ALTER: %w", aerr)
+	}
+	s, err := l.window(t0, t1)
+	if err != nil {
+		// Nothing completed while the table was locked: the stall spans the whole ALTER.
+		s, err = l.window(t0, t2)
+		if err != nil {
+			return fmt.Errorf("offline ALTER window: %w", err)
+		}
+	}
+	r.OfflineS = some(t1.Sub(t0).Seconds())
+	r.OfflineMaxMs = some(s.MaxMs)
+	if st, err := l.window(t0, t1); err == nil {
+		r.OfflineTPSRatio = ratio(some(st.TPS), b.reference(l, tPre, t0, r))
+	} else {
+		r.OfflineTPSRatio = some(0)
+	}
+	r.OfflineErrors = some(float64(l.errorsBetween(t0, t2)))
+	logf("offline ALTER: %.2fs, workload max latency %.1f ms", t1.Sub(t0).Seconds(), s.MaxMs)
+	return nil
+}

@@ -1,0 +1,196 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// alterSpec is the change every copy-and-swap scenario makes.
+const alterSpec = "ALTER COLUMN amount TYPE numeric(12,2), ALTER COLUMN id TYPE bigint"
+
+// cliResult is one shadowctl invocation.
+type cliResult struct {
+	args     []string
+	exit     int // -1: did not start
+	stdout   string
+	stderr   string
+	dur      time.Duration
+	maxRSSKB int64
+	startErr error
+	timedOut time.Duration // non-zero: stopped after this limit
+}
+
+func (r cliResult) ok() bool { return r.exit == 0 }
+
+// notImplemented reports whether the binary does not have the command or flag
+// (urfave/cli's messages), as opposed to a command that ran and failed.
+func (r cliResult) notImplemented() bool {
+	for _, s := range []string{"No help topic", "unknown command", "flag provided but not defined", "not implemented"} {
+		if strings.Contains(r.stderr, s) || strings.Contains(r.stdout, s) {
+			return true
+		}
+	}
+	return false
+}
+
+// reason says why a figure resting on this invocation is not measured.
+func (r cliResult) reason() string {
+	cmd := "shadowctl"
+	if len(r.args) > 0 {
+		cmd += " " + r.args[0]
+	}
+	if r.startErr != nil {
+		return fmt.Sprintf("%s could not run: %v", cmd, r.startErr)
+	}
+	msg := lastMessage(r.stderr)
+	if msg == "" {
+		msg = lastMessage(r.stdout)
+	}
+	if r.timedOut > 0 {
+		return fmt.Sprintf("%s did not finish within %s (stopped)", cmd, r.timedOut)
+	}
+	if r.notImplemented() {
+		return fmt.Sprintf("%s is not implemented in this build (%s)", cmd, msg)
+	}
+	return fmt.Sprintf("%s failed (exit %d): %s", cmd, r.exit, msg)
+}
+
+// lastMessage picks the error line the CLI prints ("shadowctl: ..."), else the
+// last non-empty line.
+func lastMessage(s string) string {
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if strings.HasPrefix(lines[i], "shadowctl: ") {
+			return strings.TrimSpace(strings.TrimPrefix(lines[i], "shadowctl: "))
+		}
+	}
+	for i := len(lines) - 1; i >= 0; i-- {
+		if l := strings.TrimSpace(lines[i]); l != "" {
+			if len(l) > 300 {
+				l = l[:300] + "…"
+			}
+			return l
+		}
+	}
+	return ""
+}
+
+// shadowctl runs the binary under test against the bench database, in the
+// foreground, keeping its output in the work folder. Its peak RSS comes from
+// the kernel's rusage for the child (exact, in KiB on Linux).
+func (b *bench) shadowctl(ctx context.Context, label string, args ...string) cliResult {
+	r := cliResult{args: args, exit: -1}
+	full := append([]string{"--dsn", b.dsn}, args...)
+	cmd := exec.CommandContext(ctx, b.cfg.Bin, full...)
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 20 * time.Second
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	var out, errb bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &errb
+	start := time.Now()
+	err := cmd.Run()
+	r.dur = time.Since(start)
+	r.stdout, r.stderr = out.String(), errb.String()
+	if cmd.ProcessState != nil {
+		r.exit = cmd.ProcessState.ExitCode()
+		if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {
+			r.maxRSSKB = ru.Maxrss
+		}
+	} else if err != nil {
+		r.startErr = err
+	}
+	_ = os.WriteFile(filepath.Join(b.work, "shadowctl-"+label+".out"),
+		[]byte(fmt.Sprintf("$ shadowctl %s\nexit %d after %s\n--- stdout\n%s\n--- stderr\n%s\n",
+			strings.Join(args, " "), r.exit, r.dur, r.stdout, r.stderr)), 0o644)
+	return r
+}
+
+// shadowctlWithin is shadowctl with a time limit; past it the process gets
+// SIGTERM and the result says it timed out.
+func (b *bench) shadowctlWithin(ctx context.Context, limit time.Duration, label string, args ...string) cliResult {
+	cctx, cancel := context.WithTimeout(ctx, limit)
+	defer cancel()
+	r := b.shadowctl(cctx, label, args...)
+	if ctx.Err() == nil && cctx.Err() != nil {
+		r.timedOut = limit
+	}
+	return r
+}
+
+// status runs `status ID --json` and decodes it as a loose JSON object.
+func (b *bench) status(ctx context.Context, id string) (map[string]any, cliResult) {
+	r := b.shadowctl(ctx, "status-"+id, "status", id, "--json")
+	if !r.ok() {
+		return nil, r
+	}
+	if m := decodeObject(r.stdout); m != nil {
+		return m, r
+	}
+	r.exit, r.stderr = 1, "status --json printed no JSON object: "+tail(r.stdout, 200)
+	return nil, r
+}
+
+// decodeObject decodes the whole output, else its last line that is an object.
+func decodeObject(s string) map[string]any {
+	var m map[string]any
+	if json.Unmarshal([]byte(strings.TrimSpace(s)), &m) == nil {
+		return m
+	}
+	lines := strings.Split(strings.TrimSpace(s), "\n")
+	for i := len(lines) - 1; i >= 0; i-- {
+		if json.Unmarshal([]byte(lines[i]), &m) == nil {
+			return m
+		}
+	}
+	return nil
+}
+
+// num reads a number at a path of keys, tolerating absent keys, nulls and
+// numbers sent as strings.
+func num(m map[string]any, path ...string) (float64, bool) {
+	var cur any = m
+	for _, k := range path {
+		obj, ok := cur.(map[string]any)
+		if !ok {
+			return 0, false
+		}
+		if cur, ok = obj[k]; !ok {
+			return 0, false
+		}
+	}
+	switch v := cur.(type) {
+	case float64:
+		return v, true
+	case string:
+		var f float64
+		if _, err := fmt.Sscanf(v, "%g", &f); err == nil {
+			return f, true
+		}
+	}
+	return 0, false
+}
+
+func str(m map[string]any, key string) string {
+	if s, ok := m[key].(string); ok {
+		return s
+	}
+	return ""
+}
+
+// hasCommand probes the binary for a command: urfave/cli answers an unknown
+// one with "No help topic" and a non-zero exit.
+func (b *bench) hasCommand(ctx context.Context, name string) (bool, string) {
+	r := b.shadowctl(ctx, "probe-"+name, name, "--help")
+	if r.ok() {
+		return true, ""
+	}
+	return false, r.reason()
+}
