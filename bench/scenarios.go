@@ -289,6 +289,17 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		return b.clean(ctx)
 	}
 	m.CopyLoadS = some(t1.Sub(t0).Seconds())
+	// Logical sync: green stays current at ready only while a process
+	// applies the stream; `follow` does, as the daemon would. It stops by
+	// itself once the cutover has replaced the stream.
+	followCtx, stopFollow := context.WithCancel(ctx)
+	defer stopFollow()
+	followed := make(chan cliResult, 1)
+	if mode == "logical" {
+		go func() { followed <- b.shadowctl(followCtx, loadID+"-follow", "follow", loadID) }()
+	} else {
+		followed <- cliResult{}
+	}
 	logf("%s: ready after %.2fs under load; sync-only window %s", mode, t1.Sub(t0).Seconds(), b.cfg.SyncWin)
 	if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready"); err != nil {
 		return err
@@ -302,6 +313,8 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		rssKB = max(rssKB, cr.maxRSSKB)
 	}
 	tc1 := time.Now()
+	stopFollow()
+	rssKB = max(rssKB, (<-followed).maxRSSKB)
 	if err := w.holdOrNote(ctx, b.cfg.After, r, mode+" run, after cutover"); err != nil {
 		return err
 	}
