@@ -1,0 +1,163 @@
+package integration
+
+import (
+	"context"
+	"errors"
+	"os/exec"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shadowctl/shadowctl/shadow"
+	"github.com/shadowctl/shadowctl/sync"
+)
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t testing.TB, what string, limit time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(limit)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting for %s", limit, what)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// Issue 6, done-when 3: kill -9 of the process applying the stream, then a
+// new one: no change lost or applied twice (exact end state), and the slot's
+// confirmed position never passes what green committed.
+func TestLogicalKill9MidStreamResumes(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(20000)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	w := startWorkload(t, db.DSN, 4)
+	w.waitRunning()
+
+	follow := func() *exec.Cmd {
+		cmd := exec.Command(shadowctlBinary(t), "--dsn", db.DSN, "--log-level", "warn", "follow", m.ID)
+		cmd.Env = append(cmd.Environ(), "GORACE=atexit_sleep_ms=0")
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		return cmd
+	}
+	applied := func() string {
+		return scalar[string](db, `SELECT applied_lsn::text FROM shadowctl.sync_positions WHERE migration_id = $1`, m.ID)
+	}
+	positionsOK := func() {
+		t.Helper()
+		// The slot acknowledges only what green committed.
+		if bad := scalar[bool](db, `SELECT s.confirmed_flush_lsn > p.applied_lsn FROM pg_replication_slots s, shadowctl.sync_positions p
+			WHERE s.slot_name = p.slot_name AND p.migration_id = $1`, m.ID); bad {
+			t.Fatal("the slot's confirmed position is past what green committed")
+		}
+	}
+	first := follow()
+	start := applied()
+	waitFor(t, "the first follower to apply changes", time.Minute, func() bool { return applied() != start })
+	w.waitOps(300)
+	positionsOK()
+	if err := first.Process.Signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	_ = first.Wait()
+	atKill := applied()
+	w.waitOps(300) // changes pile up with nobody applying them
+	second := follow()
+	waitFor(t, "the second follower to apply changes", time.Minute, func() bool { return applied() != atKill })
+	positionsOK()
+	w.waitOps(200)
+	if errs := w.stop(); len(errs) > 0 {
+		t.Fatalf("workload errors: %v", errs[0])
+	}
+	defer w.pool.Close()
+	w.assertExact(t) // blue holds exactly what the workload wrote
+	m, err = db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_ = second.Wait() // it stops by itself once the cutover replaced the stream
+	if m.Phase != shadow.CutOver {
+		t.Fatalf("phase %s", m.Phase)
+	}
+	w.assertExact(t) // and now green, through the view, holds exactly the same
+	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Issue 6, done-when 5: a large TOASTed column whose row is updated in other
+// columns only (pgoutput sends it as "unchanged") keeps its value in green.
+func TestLogicalUnchangedToastKeepsValue(t *testing.T) {
+	db := newTestDB(t)
+	ctx := context.Background()
+	db.exec(`CREATE TABLE docs (id int PRIMARY KEY, title text, body text)`,
+		`ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL`, // out of line, uncompressed
+		`INSERT INTO docs SELECT g, 'title ' || g, (SELECT string_agg(md5(g::text || i::text), '') FROM generate_series(1, 2000) i) FROM generate_series(1, 50) g`)
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "docs", Alter: "ADD COLUMN views int DEFAULT 0", Sync: shadow.SyncLogical})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	fctx, stop := context.WithCancel(ctx)
+	done := make(chan error, 1)
+	go func() { done <- db.Runner.Follow(fctx, m.ID) }()
+	db.exec(`UPDATE docs SET title = 'changed ' || id WHERE id <= 25`)
+	m, err = db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{}) // drains the stream first
+	stop()
+	<-done
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM green.docs WHERE title LIKE 'changed %'`); n != 25 {
+		t.Fatalf("%d updated titles reached green, want 25", n)
+	}
+	db.assertGreenMatches(`SELECT id, title, body FROM `+m.State.Plan.Reverse.Target.Quoted()+``, `SELECT id, title, body FROM green.docs`)
+	if n := scalar[int](db, `SELECT count(*) FROM green.docs WHERE body IS NULL OR length(body) <> 64000`); n != 0 {
+		t.Fatalf("%d bodies lost or changed in green", n)
+	}
+	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Issue 6, done-when 6: past the retained-WAL limit the migration stops with
+// that reason and the slot is dropped.
+func TestLogicalRetainedWALLimitStopsAndDropsSlot(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(30000)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical,
+		MaxRetainedWAL: 512 << 10, BatchSize: 2000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, err = db.Runner.Drive(ctx, m.ID, shadow.Ready)
+	if !errors.Is(err, sync.ErrWALLimit) && (err == nil || !strings.Contains(err.Error(), "retains")) {
+		t.Fatalf("drive: %v, want the retained-WAL limit", err)
+	}
+	got, err := db.Runner.Store.Get(ctx, db.Pool, m.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Phase != shadow.Failed || !strings.Contains(got.Error, "retains") {
+		t.Fatalf("phase %s, error %q: want failed with the WAL reason", got.Phase, got.Error)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM pg_replication_slots WHERE database = current_database()`); n != 0 {
+		t.Fatalf("%d slots left after the WAL limit", n)
+	}
+	if err := db.Runner.Abort(ctx, m.ID, ""); err != nil {
+		t.Fatal(err)
+	}
+}
