@@ -44,7 +44,7 @@ func main() {
 func run(ctx context.Context, args []string, stdout, stderr *os.File) int {
 	app := newApp()
 	app.Writer, app.ErrWriter = stdout, stderr
-	err := app.RunContext(ctx, args)
+	err := app.RunContext(ctx, interspersed(app, args))
 	if err == nil {
 		return 0
 	}
