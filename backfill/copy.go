@@ -60,6 +60,10 @@ type Copier struct {
 	// Gate, when set, is called before each batch; it blocks while the copy
 	// must wait (paused, throttled) and returns an error to stop.
 	Gate func(ctx context.Context) error
+	// ActiveWorkers, when set, says how many of the Workers may copy now
+	// (1 ≤ n ≤ Workers); the others wait between batches. It lets the copy
+	// use every worker on an idle database and step back under load.
+	ActiveWorkers func(ctx context.Context) int
 	// Failpoint, when set, runs inside each batch's transaction after the rows
 	// were read and written and before the commit (tests use it to interleave).
 	Failpoint func(ctx context.Context, r Range) error
@@ -141,7 +145,7 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 	for w := 0; w < workers; w++ {
 		g.Go(func() error {
 			for r := range work {
-				if err := c.copyRange(gctx, r, cp); err != nil {
+				if err := c.copyRange(gctx, w, r, cp); err != nil {
 					return err
 				}
 			}
@@ -151,10 +155,15 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 	return g.Wait()
 }
 
-func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error {
+func (c *Copier) copyRange(ctx context.Context, worker int, r Range, cp Checkpointer) error {
 	size := c.BatchSize
 	stmt := c.batchSQL(r)
 	for !r.Done {
+		for c.ActiveWorkers != nil && worker >= c.ActiveWorkers(ctx) {
+			if err := sleepUntil(ctx, time.Now().Add(200*time.Millisecond)); err != nil {
+				return err
+			}
+		}
 		if c.Gate != nil {
 			if err := c.Gate(ctx); err != nil {
 				return err

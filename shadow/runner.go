@@ -3,6 +3,7 @@ package shadow
 import (
 	"context"
 	"crypto/rand"
+	gosync "sync"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -384,7 +385,42 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 	if r.Progress != nil {
 		c.Progress = func(n int64) { r.Progress(m.ID, n) }
 	}
+	c.ActiveWorkers = appLoadGauge(r.Pool, c.Workers)
 	return c
+}
+
+// appLoadGauge returns how many copy workers to run: all of them while the
+// database is quiet, one while the application commits more than
+// busyCommitsPerSecond (the copy's own batches are a few per second). On a
+// small server, a second copy worker costs the application more than it
+// gains the copy.
+func appLoadGauge(pool *pgxpool.Pool, workers int) func(ctx context.Context) int {
+	const busyCommitsPerSecond = 50
+	var mu gosync.Mutex
+	var lastAt time.Time
+	var lastCommits int64
+	active := workers
+	return func(ctx context.Context) int {
+		mu.Lock()
+		defer mu.Unlock()
+		if workers <= 1 || time.Since(lastAt) < time.Second {
+			return active
+		}
+		var commits int64
+		if err := pool.QueryRow(ctx, `SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()`).Scan(&commits); err != nil {
+			return active
+		}
+		if !lastAt.IsZero() {
+			rate := float64(commits-lastCommits) / time.Since(lastAt).Seconds()
+			if rate > busyCommitsPerSecond {
+				active = 1
+			} else {
+				active = workers
+			}
+		}
+		lastAt, lastCommits = time.Now(), commits
+		return active
+	}
 }
 
 // copy runs the bulk copy from its checkpoints, then builds green's deferred
