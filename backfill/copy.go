@@ -126,8 +126,10 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 	}
 	c.limiter.rate = &c.MaxRowsPerSecond
 	work := make(chan Range)
+	var allTaken atomic.Bool
 	g, gctx := errgroup.WithContext(ctx)
 	g.Go(func() error {
+		defer allTaken.Store(true)
 		defer close(work)
 		for _, r := range ranges {
 			if r.Done {
@@ -144,26 +146,36 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 	workers := max(c.Workers, 1)
 	for w := 0; w < workers; w++ {
 		g.Go(func() error {
-			for r := range work {
-				if err := c.copyRange(gctx, w, r, cp); err != nil {
+			for {
+				// A worker over the current limit takes no new range (one
+				// it holds is finished first, so no range waits on a worker
+				// that is not allowed to run).
+				if c.ActiveWorkers != nil && w >= c.ActiveWorkers(gctx) {
+					if allTaken.Load() {
+						return nil
+					}
+					if err := sleepUntil(gctx, time.Now().Add(200*time.Millisecond)); err != nil {
+						return err
+					}
+					continue
+				}
+				r, ok := <-work
+				if !ok {
+					return nil
+				}
+				if err := c.copyRange(gctx, r, cp); err != nil {
 					return err
 				}
 			}
-			return nil
 		})
 	}
 	return g.Wait()
 }
 
-func (c *Copier) copyRange(ctx context.Context, worker int, r Range, cp Checkpointer) error {
+func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error {
 	size := c.BatchSize
 	stmt := c.batchSQL(r)
 	for !r.Done {
-		for c.ActiveWorkers != nil && worker >= c.ActiveWorkers(ctx) {
-			if err := sleepUntil(ctx, time.Now().Add(200*time.Millisecond)); err != nil {
-				return err
-			}
-		}
 		if c.Gate != nil {
 			if err := c.Gate(ctx); err != nil {
 				return err
@@ -204,9 +216,25 @@ func (c *Copier) copyRange(ctx context.Context, worker int, r Range, cp Checkpoi
 						return err
 					}
 				}
+				if c.Snapshot != "" {
+					// A transaction in the old snapshot cannot update the
+					// checkpoint rows written since: save it after the commit.
+					// Replaying a batch whose checkpoint was lost is harmless
+					// (ON CONFLICT DO NOTHING).
+					return nil
+				}
 				return cp.SaveRange(ctx, tx, next)
 			})
 		})
+		if err == nil && c.Snapshot != "" {
+			next := r
+			next.Rows += n
+			if n > 0 {
+				next.Last = last
+			}
+			next.Done = n < int64(size)
+			err = pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error { return cp.SaveRange(ctx, tx, next) })
+		}
 		if err != nil {
 			if isDataError(err) {
 				return c.explainBadRow(ctx, r, size, err)

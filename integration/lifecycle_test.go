@@ -37,10 +37,15 @@ func testLifecycleUnderWorkload(t *testing.T, mode shadow.SyncMode) {
 		}
 		return nil
 	}
-	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
 		t.Fatal(err)
 	}
 	db.Runner.Failpoints.CopyBatch = nil
+	// The checkpoints recorded the whole copy (in logical mode they are
+	// written outside the snapshot's transactions).
+	if m.RowsCopied < 40000 {
+		t.Fatalf("checkpoints say %d rows copied, want at least 40000", m.RowsCopied)
+	}
 	step := func(name string, fn func() (*shadow.Migration, error), want shadow.Phase, serving string) {
 		t.Helper()
 		w.waitOps(100)
