@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/internal/rowmap"
 	"golang.org/x/sync/errgroup"
 )
@@ -154,7 +155,7 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 					if allTaken.Load() {
 						return nil
 					}
-					if err := sleepUntil(gctx, time.Now().Add(200*time.Millisecond)); err != nil {
+					if err := retry.Sleep(gctx, 200*time.Millisecond); err != nil {
 						return err
 					}
 					continue
@@ -275,7 +276,7 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 			return err
 		}
 		c.Log.Debug().Err(err).Int("attempt", attempt+1).Msg("batch retried")
-		if werr := Backoff(ctx, attempt, 20*time.Millisecond, 2*time.Second); werr != nil {
+		if werr := retry.Backoff(ctx, attempt, 20*time.Millisecond, 2*time.Second); werr != nil {
 			return werr
 		}
 	}
@@ -430,20 +431,5 @@ func (l *rateLimiter) wait(ctx context.Context, rows int64) error {
 	at := l.next
 	l.next = l.next.Add(time.Duration(float64(rows) / float64(rate) * float64(time.Second)))
 	l.mu.Unlock()
-	return sleepUntil(ctx, at)
-}
-
-func sleepUntil(ctx context.Context, at time.Time) error {
-	d := time.Until(at)
-	if d <= 0 {
-		return ctx.Err()
-	}
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
+	return retry.Sleep(ctx, time.Until(at))
 }

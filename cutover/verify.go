@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"strings"
 	gosync "sync"
 	"sync/atomic"
@@ -19,6 +18,7 @@ import (
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/internal/rowmap"
 	"golang.org/x/sync/errgroup"
 )
@@ -63,20 +63,6 @@ type Verifier struct {
 	Log     zerolog.Logger
 
 	quiet gosync.Mutex
-}
-
-// sleepJitter waits a short, growing, jittered time before a retry.
-func sleepJitter(ctx context.Context, attempt int) error {
-	d := min(20*time.Millisecond<<min(attempt, 6), time.Second)
-	d = d/2 + time.Duration(rand.Int64N(int64(d/2)+1))
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
 
 type chunk struct {
@@ -248,7 +234,7 @@ func (v *Verifier) compareQuiet(ctx context.Context, c chunk) (rows int64, ok bo
 			return rows, ok, desc, err
 		}
 		v.Log.Debug().Err(err).Int("attempt", attempt+1).Msg("quiet compare: lock busy, retrying")
-		if werr := sleepJitter(ctx, attempt); werr != nil {
+		if werr := retry.Backoff(ctx, attempt, 20*time.Millisecond, time.Second); werr != nil {
 			return 0, false, "", werr
 		}
 	}

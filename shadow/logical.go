@@ -9,9 +9,9 @@ import (
 
 	"github.com/jackc/pglogrepl"
 	"github.com/jackc/pgx/v5"
-	"github.com/shadowctl/shadowctl/backfill"
 	"github.com/shadowctl/shadowctl/internal/pgmeta"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/sync"
 )
 
@@ -215,7 +215,7 @@ func (r *Runner) Follow(ctx context.Context, id string) error {
 			return nil
 		}
 		r.Log.Warn().Err(err).Str("migration", id).Int("attempt", attempt+1).Msg("logical sync interrupted; restarting it")
-		if err := backfill.Backoff(ctx, attempt, 200*time.Millisecond, 10*time.Second); err != nil {
+		if err := retry.Backoff(ctx, attempt, 200*time.Millisecond, 10*time.Second); err != nil {
 			return err
 		}
 	}
@@ -254,7 +254,7 @@ func (r *Runner) catchUp(ctx context.Context, m *Migration, budget time.Duration
 		if time.Now().After(deadline) {
 			return fmt.Errorf("%w: green had not applied up to %s within %s", ErrSyncStalled, mark, budget)
 		}
-		if err := backfill.Backoff(ctx, 0, 2*time.Millisecond, 4*time.Millisecond); err != nil {
+		if err := retry.Backoff(ctx, 0, 2*time.Millisecond, 4*time.Millisecond); err != nil {
 			return err
 		}
 	}

@@ -3,11 +3,11 @@ package shadow
 import (
 	"context"
 	"crypto/rand"
-	gosync "sync"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"strings"
+	gosync "sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -18,6 +18,7 @@ import (
 	"github.com/shadowctl/shadowctl/internal/catalog"
 	"github.com/shadowctl/shadowctl/internal/pgmeta"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/sync"
 )
 
@@ -596,7 +597,7 @@ func (r *Runner) withShortLock(ctx context.Context, m *Migration, what string, f
 			return fmt.Errorf("%s: the lock was not granted within %s of retries (long transactions on the table? see pg_stat_activity): %w", what, limit, err)
 		}
 		r.Log.Debug().Str("migration", m.ID).Int("attempt", attempt+1).Msg(what + ": lock busy, retrying")
-		if err := backfill.Backoff(ctx, attempt, 50*time.Millisecond, 2*time.Second); err != nil {
+		if err := retry.Backoff(ctx, attempt, 50*time.Millisecond, 2*time.Second); err != nil {
 			return err
 		}
 	}

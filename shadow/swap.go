@@ -107,22 +107,33 @@ func (r *Runner) reconcile(ctx context.Context, m *Migration) (*Migration, error
 	return r.Store.Get(ctx, r.Pool, m.ID)
 }
 
+// claimSettled claims the migration (waiting briefly for another driver to
+// let go) and settles an interrupted swap before anything else happens.
+func (r *Runner) claimSettled(ctx context.Context, id string) (*claimHandle, *Migration, error) {
+	claim, err := r.claim(ctx, id, 30*time.Second)
+	if err != nil {
+		return nil, nil, err
+	}
+	m, err := r.Store.Get(ctx, r.Pool, id)
+	if err == nil {
+		m, err = r.reconcile(ctx, m)
+	}
+	if err != nil {
+		claim.release()
+		return nil, nil, err
+	}
+	return claim, m, nil
+}
+
 // Cutover swaps public.<table> to a view over green in one short transaction
 // (see cutover.Swap for the lock discipline) and replaces the forward sync by
 // the reverse one, so blue stays current for a rollback.
 func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*Migration, error) {
-	claim, err := r.claim(ctx, id, 30*time.Second)
+	claim, m, err := r.claimSettled(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer claim.release()
-	m, err := r.Store.Get(ctx, r.Pool, id)
-	if err != nil {
-		return nil, err
-	}
-	if m, err = r.reconcile(ctx, m); err != nil {
-		return nil, err
-	}
 	if m.Phase == CutOver {
 		return m, fmt.Errorf("migration %s is already cut over: %w", id, ErrWrongPhase)
 	}
@@ -288,14 +299,11 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 		}
 		return r.Store.Get(ctx, r.Pool, id)
 	}
-	claim, err := r.claim(ctx, id, 30*time.Second)
+	claim, m, err := r.claimSettled(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer claim.release()
-	if m, err = r.reconcile(ctx, m); err != nil {
-		return nil, err
-	}
 	if m.Phase != CutOver {
 		return m, fmt.Errorf("migration %s is %s; a rollback needs cut_over: %w", id, m.Phase, ErrWrongPhase)
 	}
@@ -331,18 +339,11 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 // sequences to it, and drops blue and every sync object, in one short locked
 // transaction.
 func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration, force bool, opts CutoverOptions) (*Migration, error) {
-	claim, err := r.claim(ctx, id, 30*time.Second)
+	claim, m, err := r.claimSettled(ctx, id)
 	if err != nil {
 		return nil, err
 	}
 	defer claim.release()
-	m, err := r.Store.Get(ctx, r.Pool, id)
-	if err != nil {
-		return nil, err
-	}
-	if m, err = r.reconcile(ctx, m); err != nil {
-		return nil, err
-	}
 	if m.Phase == Finalized {
 		return m, nil
 	}

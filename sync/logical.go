@@ -30,6 +30,7 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/pgmeta"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/internal/rowmap"
 )
 
@@ -112,7 +113,7 @@ func DropSlot(ctx context.Context, q pgsql.Querier, name string) error {
 		if pgsql.Code(err) != "55006" { // object in use: the walsender is still exiting
 			return fmt.Errorf("drop replication slot %s: %w", name, err)
 		}
-		if err := sleepCtx(ctx, 20*time.Millisecond); err != nil {
+		if err := retry.Sleep(ctx, 20*time.Millisecond); err != nil {
 			return err
 		}
 	}
@@ -533,15 +534,4 @@ func CheckRetainedWAL(ctx context.Context, q pgsql.Querier, slot string, limit i
 		return fmt.Errorf("%w: slot %s retains %d bytes of WAL, limit %d (the sync fell behind or stopped; the slot is dropped so the disk does not fill)", ErrWALLimit, slot, *retained, limit)
 	}
 	return nil
-}
-
-func sleepCtx(ctx context.Context, d time.Duration) error {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return nil
-	case <-ctx.Done():
-		return ctx.Err()
-	}
 }
