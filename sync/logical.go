@@ -508,15 +508,44 @@ func fmtAll(conds []string, alias string) string {
 }
 
 func (a *Applier) upsert(t *pglogrepl.TupleData) (string, []any) {
-	row, args := a.sourceRow(t, false)
-	m := a.Mapping
-	return m.InsertSelect(row) + " " + m.OnConflictUpdate(), args
+	return a.statement('u', t, false, func(row string) string {
+		m := a.Mapping
+		return m.InsertSelect(row) + " " + m.OnConflictUpdate()
+	})
 }
 
 func (a *Applier) delete(t *pglogrepl.TupleData) (string, []any) {
-	row, args := a.sourceRow(t, true)
-	m := a.Mapping
-	return fmt.Sprintf("DELETE FROM ONLY %s AS t USING %s AS %s WHERE %s", m.Target.Quoted(), row, pgsql.Ident(m.Alias), m.MatchCondition("t")), args
+	return a.statement('d', t, true, func(row string) string {
+		m := a.Mapping
+		return fmt.Sprintf("DELETE FROM ONLY %s AS t USING %s AS %s WHERE %s", m.Target.Quoted(), row, pgsql.Ident(m.Alias), m.MatchCondition("t"))
+	})
+}
+
+// statement returns the SQL for a change and its parameters. The SQL depends
+// only on the kind of change and on which columns are text, NULL or
+// unchanged, so it is built once per such shape (the hot path of the sync).
+func (a *Applier) statement(kind byte, t *pglogrepl.TupleData, keyOnly bool, build func(row string) string) (string, []any) {
+	shape := make([]byte, 0, len(t.Columns)+1)
+	shape = append(shape, kind)
+	args := make([]any, 0, len(t.Columns))
+	for _, c := range t.Columns {
+		shape = append(shape, c.DataType)
+		if c.DataType == pglogrepl.TupleDataTypeText {
+			args = append(args, string(c.Data))
+		}
+	}
+	a.stmtMu.Lock()
+	defer a.stmtMu.Unlock()
+	if sql, ok := a.stmts[string(shape)]; ok {
+		return sql, args
+	}
+	row, _ := a.sourceRow(t, keyOnly)
+	sql := build(row)
+	if a.stmts == nil {
+		a.stmts = map[string]string{}
+	}
+	a.stmts[string(shape)] = sql
+	return sql, args
 }
 
 // CheckRetainedWAL fails with ErrWALLimit when the slot holds more WAL than
