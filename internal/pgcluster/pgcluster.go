@@ -101,6 +101,7 @@ type Options struct {
 // postmaster is a direct child of this process with a parent-death signal, so it
 // cannot outlive it.
 func Start(ctx context.Context, binDir string, opts Options) (*Server, error) {
+	removeStale()
 	dir := opts.Dir
 	if dir == "" {
 		d, err := os.MkdirTemp("", "shadowctl-pg-")
@@ -220,6 +221,27 @@ func Start(ctx context.Context, binDir string, opts Options) (*Server, error) {
 		return nil, fmt.Errorf("postgres did not become ready: %w\n%s", err, log)
 	}
 	return srv, nil
+}
+
+// removeStale deletes the folders of earlier throwaway clusters whose
+// process was killed before it could clean up (their server died with it).
+func removeStale() {
+	dirs, _ := filepath.Glob(filepath.Join(os.TempDir(), "shadowctl-pg-*"))
+	for _, d := range dirs {
+		pidFile, err := os.ReadFile(filepath.Join(d, "data", "postmaster.pid"))
+		if err == nil {
+			if pid, err := strconv.Atoi(strings.TrimSpace(strings.SplitN(string(pidFile), "\n", 2)[0])); err == nil && syscall.Kill(pid, 0) == nil {
+				continue // still running
+			}
+		}
+		info, err := os.Stat(d)
+		// A folder without a pid file may be a cluster being created right
+		// now by another process: leave young ones alone.
+		if err != nil || (os.IsNotExist(err) == false && time.Since(info.ModTime()) < 10*time.Minute && len(pidFile) == 0) {
+			continue
+		}
+		_ = os.RemoveAll(d)
+	}
 }
 
 func waitReady(ctx context.Context, dsn string, exited <-chan struct{}) error {
