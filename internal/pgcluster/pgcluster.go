@@ -234,10 +234,9 @@ func removeStale() {
 				continue // still running
 			}
 		}
-		info, err := os.Stat(d)
-		// A folder without a pid file may be a cluster being created right
-		// now by another process: leave young ones alone.
-		if err != nil || (os.IsNotExist(err) == false && time.Since(info.ModTime()) < 10*time.Minute && len(pidFile) == 0) {
+		// A folder without a pid file may be a cluster that another process
+		// is creating right now: leave young ones alone.
+		if info, err := os.Stat(d); err != nil || (len(pidFile) == 0 && time.Since(info.ModTime()) < 10*time.Minute) {
 			continue
 		}
 		_ = os.RemoveAll(d)
