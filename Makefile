@@ -39,7 +39,7 @@ bench-quick: build postgres
 	BENCH_ROWS=200000 $(GO) run ./bench
 
 soak: deps postgres
-	SHADOWCTL_SOAK=1 $(GO) test -race -count=1 -timeout 90m -run Soak ./integration/...
+	$(GO) test -tags soak -race -count=1 -timeout 90m -run Soak ./integration/...
 
 clean:
 	rm -rf bin
