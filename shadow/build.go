@@ -56,6 +56,12 @@ func buildGreen(ctx context.Context, tx pgx.Tx, req Request, blue *pgmeta.Table,
 		INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS)`, green.Quoted(), blue.QName().Quoted())); err != nil {
 		return nil, false, fmt.Errorf("create %s: %w", green, err)
 	}
+	if len(blue.Reloptions) > 0 {
+		// Storage parameters (fillfactor, autovacuum settings, ...).
+		if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s SET (%s)", green.Quoted(), strings.Join(blue.Reloptions, ", "))); err != nil {
+			return nil, false, fmt.Errorf("copy storage parameters %v: %w", blue.Reloptions, err)
+		}
+	}
 	for _, s := range blue.Sequences {
 		if !s.Identity {
 			continue

@@ -411,6 +411,16 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 		if p.Blue.Comment != "" {
 			stmts = append(stmts, fmt.Sprintf("COMMENT ON TABLE %s IS %s", final.Quoted(), pgsql.Literal(p.Blue.Comment)))
 		}
+		switch p.Blue.ReplicaIdentity {
+		case "f":
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY FULL", final.Quoted()))
+		case "n":
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY NOTHING", final.Quoted()))
+		case "i":
+			stmts = append(stmts, fmt.Sprintf("DO $$BEGIN IF to_regclass(%s) IS NOT NULL THEN EXECUTE %s; END IF; END$$",
+				pgsql.Literal(pgsql.QualifiedName{Schema: final.Schema, Name: p.Blue.ReplicaIndex}.Quoted()),
+				pgsql.Literal(fmt.Sprintf("ALTER TABLE %s REPLICA IDENTITY USING INDEX %s", final.Quoted(), pgsql.Ident(p.Blue.ReplicaIndex)))))
+		}
 		stmts = append(stmts, fwd.DropFunctionsSQL()...)
 		stmts = append(stmts, rev.DropFunctionsSQL()...)
 		if err := sync.Exec(ctx, tx, stmts); err != nil {

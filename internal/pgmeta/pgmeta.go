@@ -128,9 +128,13 @@ type Table struct {
 	Grants      []Grant      `json:"grants"`
 	Comment     string       `json:"comment,omitempty"`
 	Reloptions  []string     `json:"reloptions,omitempty"`
-	Dependents  []string     `json:"dependents,omitempty"` // views, rules and functions that depend on the table
-	RowEstimate int64        `json:"row_estimate"`
-	TotalBytes  int64        `json:"total_bytes"`
+	// ReplicaIdentity is relreplident: d (default), n, f (full), i (index).
+	ReplicaIdentity string `json:"replica_identity,omitempty"`
+	// ReplicaIndex names the index of REPLICA IDENTITY USING INDEX.
+	ReplicaIndex string   `json:"replica_index,omitempty"`
+	Dependents   []string `json:"dependents,omitempty"` // views, rules and functions that depend on the table
+	RowEstimate  int64    `json:"row_estimate"`
+	TotalBytes   int64    `json:"total_bytes"`
 }
 
 // Grant is one privilege on the table.
@@ -208,12 +212,13 @@ func Load(ctx context.Context, q pgsql.Querier, schema, name string) (*Table, er
 	err := q.QueryRow(ctx, `
 		SELECT c.oid, quote_ident(n.nspname) || '.' || quote_ident(c.relname), c.relkind::text, c.relpersistence::text, pg_get_userbyid(c.relowner),
 		       c.relrowsecurity, c.relforcerowsecurity, obj_description(c.oid, 'pg_class'),
-		       coalesce(c.reloptions, '{}'),
+		       coalesce(c.reloptions, '{}'), c.relreplident::text,
+		       coalesce((SELECT ic.relname FROM pg_index i JOIN pg_class ic ON ic.oid = i.indexrelid WHERE i.indrelid = c.oid AND i.indisreplident), ''),
 		       greatest(c.reltuples, 0)::bigint,
 		       CASE WHEN c.relkind IN ('r','m','p') THEN pg_total_relation_size(c.oid) ELSE 0 END
 		  FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 		 WHERE n.nspname = $1 AND c.relname = $2`, schema, name).
-		Scan(&t.OID, &t.SQLName, &t.Kind, &t.Persistence, &t.Owner, &t.RLS, &t.ForceRLS, &comment, &reloptions, &t.RowEstimate, &t.TotalBytes)
+		Scan(&t.OID, &t.SQLName, &t.Kind, &t.Persistence, &t.Owner, &t.RLS, &t.ForceRLS, &comment, &reloptions, &t.ReplicaIdentity, &t.ReplicaIndex, &t.RowEstimate, &t.TotalBytes)
 	if err != nil {
 		if err.Error() == "no rows in result set" {
 			return nil, fmt.Errorf("%s: %w", pgsql.QualifiedName{Schema: schema, Name: name}, ErrNoTable)
