@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strings"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 )
 
@@ -247,7 +248,7 @@ func Load(ctx context.Context, q pgsql.Querier, schema, name string) (*Table, er
 }
 
 func (t *Table) loadColumns(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT a.attnum, a.attname, format_type(a.atttypid, a.atttypmod), a.atttypid, a.atttypmod, a.attnotnull,
 		       coalesce(pg_get_expr(d.adbin, d.adrelid), ''), a.attgenerated = 's', a.attidentity::text,
 		       coalesce(CASE WHEN a.attcollation <> t.typcollation THEN (SELECT quote_ident(nspname)||'.'||quote_ident(collname) FROM pg_collation co JOIN pg_namespace cn ON cn.oid = co.collnamespace WHERE co.oid = a.attcollation) END, '')
@@ -255,23 +256,17 @@ func (t *Table) loadColumns(ctx context.Context, q pgsql.Querier) error {
 		  JOIN pg_type t ON t.oid = a.atttypid
 		  LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
 		 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
-		 ORDER BY a.attnum`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 ORDER BY a.attnum`, t.OID, func(r pgx.CollectableRow) (Column, error) {
 		var c Column
-		if err := rows.Scan(&c.Num, &c.Name, &c.Type, &c.TypeOID, &c.TypeMod, &c.NotNull, &c.Default, &c.Generated, &c.Identity, &c.Collation); err != nil {
-			return err
-		}
-		t.Columns = append(t.Columns, c)
-	}
-	return rows.Err()
+		err := r.Scan(&c.Num, &c.Name, &c.Type, &c.TypeOID, &c.TypeMod, &c.NotNull, &c.Default, &c.Generated, &c.Identity, &c.Collation)
+		return c, err
+	})
+	t.Columns = out
+	return err
 }
 
 func (t *Table) loadIndexes(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT ic.relname, pg_get_indexdef(i.indexrelid), i.indisprimary, i.indisunique, i.indisvalid AND i.indisready,
 		       coalesce(con.conname, ''), coalesce(con.contype::text, ''), i.indpred IS NOT NULL,
 		       ARRAY(SELECT coalesce(a.attname, '') FROM unnest(i.indkey[0:i.indnkeyatts-1]) WITH ORDINALITY k(attnum, ord)
@@ -284,84 +279,60 @@ func (t *Table) loadIndexes(ctx context.Context, q pgsql.Querier) error {
 		  JOIN pg_class ic ON ic.oid = i.indexrelid
 		  LEFT JOIN pg_constraint con ON con.conindid = i.indexrelid AND con.conrelid = i.indrelid AND con.contype IN ('p','u','x')
 		 WHERE i.indrelid = $1
-		 ORDER BY i.indisprimary DESC, ic.relname`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 ORDER BY i.indisprimary DESC, ic.relname`, t.OID, func(r pgx.CollectableRow) (Index, error) {
 		var ix Index
-		if err := rows.Scan(&ix.Name, &ix.Def, &ix.Primary, &ix.Unique, &ix.Valid, &ix.Constraint, &ix.ConType, &ix.Partial, &ix.KeyColumns, &ix.Columns); err != nil {
-			return err
-		}
+		err := r.Scan(&ix.Name, &ix.Def, &ix.Primary, &ix.Unique, &ix.Valid, &ix.Constraint, &ix.ConType, &ix.Partial, &ix.KeyColumns, &ix.Columns)
 		slices.Sort(ix.Columns)
-		t.Indexes = append(t.Indexes, ix)
-	}
-	return rows.Err()
+		return ix, err
+	})
+	t.Indexes = out
+	return err
 }
 
 func (t *Table) loadConstraints(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT conname, contype::text, pg_get_constraintdef(oid), convalidated
-		  FROM pg_constraint WHERE conrelid = $1 ORDER BY contype, conname`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		  FROM pg_constraint WHERE conrelid = $1 ORDER BY contype, conname`, t.OID, func(r pgx.CollectableRow) (Constraint, error) {
 		var c Constraint
-		if err := rows.Scan(&c.Name, &c.Type, &c.Def, &c.Validated); err != nil {
-			return err
-		}
-		t.Constraints = append(t.Constraints, c)
-	}
-	return rows.Err()
+		err := r.Scan(&c.Name, &c.Type, &c.Def, &c.Validated)
+		return c, err
+	})
+	t.Constraints = out
+	return err
 }
 
 func (t *Table) loadInbound(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT con.conname, 'f', pg_get_constraintdef(con.oid), c.relname, n.nspname, con.convalidated,
 		       ARRAY(SELECT a.attname FROM unnest(con.conkey) WITH ORDINALITY k(n, o) JOIN pg_attribute a ON a.attrelid = con.conrelid AND a.attnum = k.n ORDER BY k.o),
 		       ARRAY(SELECT a.attname FROM unnest(con.confkey) WITH ORDINALITY k(n, o) JOIN pg_attribute a ON a.attrelid = con.confrelid AND a.attnum = k.n ORDER BY k.o),
 		       con.confupdtype::text, con.confdeltype::text, con.confmatchtype::text, con.condeferrable, con.condeferred
 		  FROM pg_constraint con JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
 		 WHERE con.confrelid = $1 AND con.contype = 'f' AND con.conrelid <> $1
-		 ORDER BY n.nspname, c.relname, con.conname`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 ORDER BY n.nspname, c.relname, con.conname`, t.OID, func(r pgx.CollectableRow) (Constraint, error) {
 		var c Constraint
-		if err := rows.Scan(&c.Name, &c.Type, &c.Def, &c.Table, &c.Schema, &c.Validated, &c.Columns, &c.RefColumns,
-			&c.OnUpdate, &c.OnDelete, &c.Match, &c.Deferrable, &c.InitiallyDeferred); err != nil {
-			return err
-		}
-		t.InboundFKs = append(t.InboundFKs, c)
-	}
-	return rows.Err()
+		err := r.Scan(&c.Name, &c.Type, &c.Def, &c.Table, &c.Schema, &c.Validated, &c.Columns, &c.RefColumns,
+			&c.OnUpdate, &c.OnDelete, &c.Match, &c.Deferrable, &c.InitiallyDeferred)
+		return c, err
+	})
+	t.InboundFKs = out
+	return err
 }
 
 func (t *Table) loadTriggers(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT tgname, pg_get_triggerdef(oid), tgenabled::text FROM pg_trigger
-		 WHERE tgrelid = $1 AND NOT tgisinternal ORDER BY tgname`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 WHERE tgrelid = $1 AND NOT tgisinternal ORDER BY tgname`, t.OID, func(r pgx.CollectableRow) (Trigger, error) {
 		var tr Trigger
-		if err := rows.Scan(&tr.Name, &tr.Def, &tr.Enabled); err != nil {
-			return err
-		}
-		t.Triggers = append(t.Triggers, tr)
-	}
-	return rows.Err()
+		err := r.Scan(&tr.Name, &tr.Def, &tr.Enabled)
+		return tr, err
+	})
+	t.Triggers = out
+	return err
 }
 
 func (t *Table) loadSequences(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT sn.nspname, s.relname, a.attname, d.deptype = 'i'
 		  FROM pg_depend d
 		  JOIN pg_class s ON s.oid = d.objid AND s.relkind = 'S'
@@ -369,23 +340,17 @@ func (t *Table) loadSequences(ctx context.Context, q pgsql.Querier) error {
 		  JOIN pg_attribute a ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid
 		 WHERE d.classid = 'pg_class'::regclass AND d.refclassid = 'pg_class'::regclass
 		   AND d.refobjid = $1 AND d.deptype IN ('a', 'i')
-		 ORDER BY a.attnum`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 ORDER BY a.attnum`, t.OID, func(r pgx.CollectableRow) (Sequence, error) {
 		var s Sequence
-		if err := rows.Scan(&s.Schema, &s.Name, &s.Column, &s.Identity); err != nil {
-			return err
-		}
-		t.Sequences = append(t.Sequences, s)
-	}
-	return rows.Err()
+		err := r.Scan(&s.Schema, &s.Name, &s.Column, &s.Identity)
+		return s, err
+	})
+	t.Sequences = out
+	return err
 }
 
 func (t *Table) loadPolicies(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT format('CREATE POLICY %I ON {{TABLE}} AS %s FOR %s TO %s%s%s',
 		         p.polname,
 		         CASE WHEN p.polpermissive THEN 'PERMISSIVE' ELSE 'RESTRICTIVE' END,
@@ -393,43 +358,31 @@ func (t *Table) loadPolicies(ctx context.Context, q pgsql.Querier) error {
 		         coalesce((SELECT string_agg(CASE WHEN r = 0 THEN 'PUBLIC' ELSE quote_ident(pg_get_userbyid(r)) END, ', ') FROM unnest(p.polroles) r), 'PUBLIC'),
 		         coalesce(' USING (' || pg_get_expr(p.polqual, p.polrelid) || ')', ''),
 		         coalesce(' WITH CHECK (' || pg_get_expr(p.polwithcheck, p.polrelid) || ')', ''))
-		  FROM pg_policy p WHERE p.polrelid = $1 ORDER BY p.polname`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		  FROM pg_policy p WHERE p.polrelid = $1 ORDER BY p.polname`, t.OID, func(r pgx.CollectableRow) (string, error) {
 		var s string
-		if err := rows.Scan(&s); err != nil {
-			return err
-		}
-		t.Policies = append(t.Policies, s)
-	}
-	return rows.Err()
+		err := r.Scan(&s)
+		return s, err
+	})
+	t.Policies = out
+	return err
 }
 
 func (t *Table) loadGrants(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
 		  FROM pg_class c, aclexplode(c.relacl) a
 		 WHERE c.oid = $1 AND a.grantee <> c.relowner
-		 ORDER BY 1, 2`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 ORDER BY 1, 2`, t.OID, func(r pgx.CollectableRow) (Grant, error) {
 		var g Grant
-		if err := rows.Scan(&g.Grantee, &g.Privilege, &g.Grantable); err != nil {
-			return err
-		}
-		t.Grants = append(t.Grants, g)
-	}
-	return rows.Err()
+		err := r.Scan(&g.Grantee, &g.Privilege, &g.Grantable)
+		return g, err
+	})
+	t.Grants = out
+	return err
 }
 
 func (t *Table) loadDependents(ctx context.Context, q pgsql.Querier) error {
-	rows, err := q.Query(ctx, `
+	out, err := collect(ctx, q, `
 		SELECT DISTINCT pg_describe_object(d.classid, d.objid, 0) || coalesce(' (' ||
 		       (SELECT ev_class::regclass::text FROM pg_rewrite r WHERE r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass) || ')', '')
 		  FROM pg_depend d
@@ -437,19 +390,22 @@ func (t *Table) loadDependents(ctx context.Context, q pgsql.Querier) error {
 		   AND d.classid IN ('pg_rewrite'::regclass, 'pg_proc'::regclass)
 		   AND d.deptype = 'n'
 		   AND NOT EXISTS (SELECT 1 FROM pg_rewrite r WHERE r.oid = d.objid AND d.classid = 'pg_rewrite'::regclass AND r.ev_class = $1)
-		 ORDER BY 1`, t.OID)
-	if err != nil {
-		return err
-	}
-	defer rows.Close()
-	for rows.Next() {
+		 ORDER BY 1`, t.OID, func(r pgx.CollectableRow) (string, error) {
 		var s string
-		if err := rows.Scan(&s); err != nil {
-			return err
-		}
-		t.Dependents = append(t.Dependents, s)
+		err := r.Scan(&s)
+		return s, err
+	})
+	t.Dependents = out
+	return err
+}
+
+// collect runs a catalog query for the table and scans each row.
+func collect[T any](ctx context.Context, q pgsql.Querier, sql string, oid uint32, scan func(pgx.CollectableRow) (T, error)) ([]T, error) {
+	rows, err := q.Query(ctx, sql, oid)
+	if err != nil {
+		return nil, err
 	}
-	return rows.Err()
+	return pgx.CollectRows(rows, scan)
 }
 
 // chooseKey picks the primary key, else the first valid non-partial unique
