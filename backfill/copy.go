@@ -64,6 +64,9 @@ type Copier struct {
 	// Failpoint, when set, runs inside each batch's transaction after the rows
 	// were read and written and before the commit (tests use it to interleave).
 	Failpoint func(ctx context.Context, r Range) error
+	// StartFailpoint, when set, runs inside each batch's transaction before
+	// the batch statement reads anything (tests use it to interleave).
+	StartFailpoint func(ctx context.Context, tx pgx.Tx, r Range) error
 
 	limiter rateLimiter
 }
@@ -162,6 +165,11 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 			return pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error {
 				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
 					return err
+				}
+				if c.StartFailpoint != nil {
+					if err := c.StartFailpoint(ctx, tx, r); err != nil {
+						return err
+					}
 				}
 				args := c.batchArgs(r, size)
 				if err := tx.QueryRow(ctx, stmt, args...).Scan(&n, &inserted, &last); err != nil {

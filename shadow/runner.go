@@ -28,6 +28,9 @@ var ErrStopped = errors.New("the migration was stopped")
 type Failpoints struct {
 	// CopyBatch runs inside each copy batch's transaction before its commit.
 	CopyBatch func(ctx context.Context, r backfill.Range) error
+	// CopyBatchStart runs inside each copy batch's transaction before the
+	// batch statement reads anything.
+	CopyBatchStart func(ctx context.Context, tx pgx.Tx, r backfill.Range) error
 	// AfterPhase runs after a phase change has been committed.
 	AfterPhase func(ctx context.Context, to Phase) error
 }
@@ -45,6 +48,9 @@ type Runner struct {
 	// SyncSetupTimeout bounds how long installing or removing the sync may
 	// keep retrying its short lock.
 	SyncSetupTimeout time.Duration
+	// ClaimWait is how long Drive waits for another driver of the same
+	// migration to let go before failing with ErrClaimed (default 30s).
+	ClaimWait time.Duration
 }
 
 // NewRunner returns a runner over the catalog cat.
@@ -170,7 +176,11 @@ func (r *Runner) Drive(ctx context.Context, id string, until Phase) (*Migration,
 	if chainIndex(until) < 0 {
 		return nil, fmt.Errorf("%w: --until must be one of %v", ErrBadRequest, chain)
 	}
-	claim, err := r.claim(ctx, id, 30*time.Second)
+	wait := r.ClaimWait
+	if wait <= 0 {
+		wait = 30 * time.Second
+	}
+	claim, err := r.claim(ctx, id, wait)
 	if err != nil {
 		return nil, err
 	}
@@ -338,6 +348,8 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 		LockTimeout: max(m.Request.LockTimeout, time.Second),
 		Log:         r.Log.With().Str("migration", m.ID).Logger(),
 		Failpoint:   r.Failpoints.CopyBatch,
+
+		StartFailpoint: r.Failpoints.CopyBatchStart,
 	}
 	c.MaxRowsPerSecond.Store(int64(m.Request.MaxRowsPerSecond))
 	c.Gate = func(ctx context.Context) error {
