@@ -296,21 +296,33 @@ func TestIssue3InterleaveBatchPausedBeforeRead(t *testing.T) {
 	ins.run(`INSERT INTO items VALUES (5, 'inserted', 5)`)
 	close(release)
 
-	// The batch locks its rows in key order: 4 (deleter), 8 (key changer),
-	// 10 (deleter that rolls back); then its insert meets the updater's
-	// uncommitted green row 6.
-	for _, step := range []struct {
-		s    *session
-		what string
-		end  string
-	}{{del, "the DELETE of 4", "COMMIT"}, {rekey, "the key change of 8", "COMMIT"}, {undo, "the DELETE of 10", "ROLLBACK"}, {upd, "the UPDATE of 6", "COMMIT"}} {
-		waitFor(t, "the copy batch to wait for "+step.what, 20*time.Second, func() (bool, error) {
+	// The batch needs a lock each of these sessions holds: the rows of the
+	// deleters and the key changer (FOR KEY SHARE, in key order), and the
+	// updater's uncommitted green row 6 (its insert waits on green's key). End
+	// each one only once the batch is seen waiting for it.
+	ends := map[*session]string{del: "COMMIT", rekey: "COMMIT", undo: "ROLLBACK", upd: "COMMIT"}
+	names := map[*session]string{del: "the DELETE of 4", rekey: "the key change of 8", undo: "the DELETE of 10", upd: "the UPDATE of 6"}
+	var order []string
+	for len(ends) > 0 {
+		var blocker *session
+		waitFor(t, "the copy batch to wait for one of the open transactions", 20*time.Second, func() (bool, error) {
 			var blockers []int32
 			err := db.Pool.QueryRow(ctx, `SELECT pg_blocking_pids($1)`, copyPID.Load()).Scan(&blockers)
-			return contains32(blockers, step.s.pid), err
+			if contains32(blockers, ins.pid) {
+				return false, fmt.Errorf("the batch waits for the INSERT of key 5, which its snapshot cannot see")
+			}
+			for s := range ends {
+				if contains32(blockers, s.pid) {
+					blocker = s
+				}
+			}
+			return blocker != nil, err
 		})
-		step.s.run(step.end)
+		order = append(order, names[blocker])
+		blocker.run(ends[blocker])
+		delete(ends, blocker)
 	}
+	t.Logf("the batch waited for, in turn: %v", order)
 	ins.run(`COMMIT`)
 	waitDone(t, "drive to verifying", drive)
 
