@@ -236,13 +236,22 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 	return err
 }
 
-// batchSQL renders one batch: lock the next rows of the range against
-// deletion and key change (FOR KEY SHARE), insert their mapping unless the
-// sync already put a newer version there (ON CONFLICT DO NOTHING), and report
-// how many rows were read, inserted, and the last key. Rows deleted before we
-// lock them are skipped; rows deleted after wait for our commit and are then
-// deleted from green by the sync. So a batch can neither resurrect a deleted
-// row nor overwrite a newer one.
+// batchSQL renders one batch: take the next keys of the range from the
+// statement's snapshot (ids), lock those rows against deletion and key change
+// (FOR KEY SHARE), insert their mapping unless the sync already put a newer
+// version there (ON CONFLICT DO NOTHING), and report how many keys were read,
+// rows inserted, and the last key read. Rows deleted before we lock them are
+// skipped; rows deleted after wait for our commit and are then deleted from
+// green by the sync. So a batch can neither resurrect a deleted row nor
+// overwrite a newer one.
+//
+// The locked rows are matched to ids by key, and the checkpoint is the last
+// key of ids: a row whose key a concurrent transaction changed while we waited
+// for its lock comes back from FOR KEY SHARE as its new version (READ
+// COMMITTED re-checks the newest version against the WHERE clause); matched
+// against ids it is skipped (the sync copies it under its new key), and its
+// new key can never become the checkpoint, which would skip every row between
+// the batch's end and that key. Rows are locked in key order, as before.
 func (c *Copier) batchSQL(r Range) string {
 	m := c.Mapping
 	keyList := m.SourceKeyList("b")
@@ -263,13 +272,17 @@ func (c *Copier) batchSQL(r Range) string {
 		desc[i] = pgsql.Ident(k) + " DESC"
 		lastArr[i] = pgsql.Ident(k) + "::text"
 	}
-	return fmt.Sprintf(`WITH src AS MATERIALIZED (
-  SELECT * FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d FOR KEY SHARE OF b
+	cols := strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")")
+	return fmt.Sprintf(`WITH ids AS MATERIALIZED (
+  SELECT %s FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d
+), src AS MATERIALIZED (
+  SELECT * FROM ONLY %s AS b WHERE %s IN (SELECT * FROM ids) ORDER BY %s FOR KEY SHARE OF b
 ), ins AS (
   %s %s RETURNING 1
 )
-SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT ARRAY[%s] FROM src ORDER BY %s LIMIT 1)`,
-		m.Source.Quoted(), strings.Join(where, " AND "), strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")"), n+1,
+SELECT (SELECT count(*) FROM ids), (SELECT count(*) FROM ins), (SELECT ARRAY[%s] FROM ids ORDER BY %s LIMIT 1)`,
+		cols, m.Source.Quoted(), strings.Join(where, " AND "), cols, n+1,
+		m.Source.Quoted(), keyList, cols,
 		m.InsertSelect("src"), m.OnConflictDoNothing(), strings.Join(lastArr, ", "), strings.Join(desc, ", "))
 }
 
