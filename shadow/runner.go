@@ -222,15 +222,17 @@ func (r *Runner) Drive(ctx context.Context, id string, until Phase) (*Migration,
 			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
 				return m, cause
 			}
-			return m, r.fail(context.WithoutCancel(ctx), m, stepErr)
+			return m, r.fail(context.WithoutCancel(ctx), m, stepErr, claim)
 		}
 	}
 }
 
 // fail records a phase's error. A request that cannot work as given (a row
 // that cannot be converted, a refused ALTER) is aborted at once, so the
-// database is as it was; anything else stays failed for the operator.
-func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
+// database is as it was; anything else stays failed for the operator. held is
+// the driver's own claim (the abort must not wait for it). The returned error
+// wraps stepErr.
+func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error, held *claimHandle) error {
 	if errors.Is(stepErr, ErrStopped) {
 		return stepErr
 	}
@@ -240,16 +242,26 @@ func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
 	}
 	r.Log.Error().Str("migration", m.ID).Str("phase", string(m.Phase)).Err(stepErr).Msg("migration failed")
 	if errors.Is(stepErr, backfill.ErrBadRow) || isBadRequest(stepErr) {
-		if err := r.abort(ctx, m.ID, msg, nil); err != nil {
-			return fmt.Errorf("%s; and the cleanup failed: %v (run `shadowctl abort %s`)", msg, err, m.ID)
+		if err := r.abort(ctx, m.ID, msg, held); err != nil {
+			return &stepError{msg: fmt.Sprintf("%s; and the cleanup failed: %v (run `shadowctl abort %s`)", msg, err, m.ID), err: stepErr}
 		}
-		return fmt.Errorf("migration %s: %s; everything it created was removed", m.ID, msg)
+		return &stepError{msg: fmt.Sprintf("migration %s: %s; everything it created was removed", m.ID, msg), err: stepErr}
 	}
 	if err := r.Store.SetPhase(ctx, r.Pool, m.ID, []Phase{m.Phase}, Failed, msg); err != nil {
 		r.Log.Error().Err(err).Msg("could not record the failure")
 	}
-	return fmt.Errorf("migration %s: %s", m.ID, msg)
+	return &stepError{msg: fmt.Sprintf("migration %s: %s", m.ID, msg), err: stepErr}
 }
+
+// stepError is a phase's failure as told to the operator; it wraps the cause
+// so that callers can tell causes apart with errors.Is.
+type stepError struct {
+	msg string
+	err error
+}
+
+func (e *stepError) Error() string { return e.msg }
+func (e *stepError) Unwrap() error { return e.err }
 
 func (r *Runner) afterPhase(ctx context.Context, to Phase) error {
 	if r.Failpoints.AfterPhase != nil {
