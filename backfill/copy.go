@@ -245,13 +245,14 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 // green by the sync. So a batch can neither resurrect a deleted row nor
 // overwrite a newer one.
 //
-// The locked rows are matched to ids by key, and the checkpoint is the last
-// key of ids: a row whose key a concurrent transaction changed while we waited
-// for its lock comes back from FOR KEY SHARE as its new version (READ
-// COMMITTED re-checks the newest version against the WHERE clause); matched
-// against ids it is skipped (the sync copies it under its new key), and its
-// new key can never become the checkpoint, which would skip every row between
-// the batch's end and that key. Rows are locked in key order, as before.
+// The locked rows are bounded by the last key of ids, which is also the
+// checkpoint: a row whose key a concurrent transaction changed while we
+// waited for its lock comes back from FOR KEY SHARE as its new version (READ
+// COMMITTED re-checks the newest version against the WHERE clause only);
+// bounded, a row moved past the batch is skipped (the sync copies it under its
+// new key), and its new key can never become the checkpoint, which would skip
+// every row between the batch's end and that key. Rows are locked in key
+// order by one index range scan, as before.
 func (c *Copier) batchSQL(r Range) string {
 	m := c.Mapping
 	keyList := m.SourceKeyList("b")
@@ -274,16 +275,16 @@ func (c *Copier) batchSQL(r Range) string {
 	}
 	cols := strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")")
 	return fmt.Sprintf(`WITH ids AS MATERIALIZED (
-  SELECT %s FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d
+  SELECT %[1]s FROM ONLY %[2]s AS b WHERE %[3]s ORDER BY %[1]s LIMIT $%[4]d
 ), src AS MATERIALIZED (
-  SELECT * FROM ONLY %s AS b WHERE %s IN (SELECT * FROM ids) ORDER BY %s FOR KEY SHARE OF b
+  SELECT * FROM ONLY %[2]s AS b WHERE %[3]s AND %[5]s <= (SELECT %[1]s FROM ids ORDER BY %[7]s LIMIT 1)
+   ORDER BY %[1]s FOR KEY SHARE OF b
 ), ins AS (
-  %s %s RETURNING 1
+  %[6]s RETURNING 1
 )
-SELECT (SELECT count(*) FROM ids), (SELECT count(*) FROM ins), (SELECT ARRAY[%s] FROM ids ORDER BY %s LIMIT 1)`,
-		cols, m.Source.Quoted(), strings.Join(where, " AND "), cols, n+1,
-		m.Source.Quoted(), keyList, cols,
-		m.InsertSelect("src"), m.OnConflictDoNothing(), strings.Join(lastArr, ", "), strings.Join(desc, ", "))
+SELECT (SELECT count(*) FROM ids), (SELECT count(*) FROM ins), (SELECT ARRAY[%[8]s] FROM ids ORDER BY %[7]s LIMIT 1)`,
+		cols, m.Source.Quoted(), strings.Join(where, " AND "), n+1, keyList,
+		m.InsertSelect("src")+" "+m.OnConflictDoNothing(), strings.Join(desc, ", "), strings.Join(lastArr, ", "))
 }
 
 func (c *Copier) batchArgs(r Range, size int) []any {
