@@ -86,7 +86,7 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 	if id, err := r.Store.ActiveOn(ctx, name); err != nil {
 		return nil, err
 	} else if id != "" {
-		return nil, fmt.Errorf("table %s: %w: %s (abort or finish it first)", name, ErrTableBusy, id)
+		return nil, fmt.Errorf("table %s: %w: %s (continue it with `shadowctl resume %s`, or abort it first)", name, ErrTableBusy, id, id)
 	}
 	if req.ID == "" {
 		req.ID = newID(name.Name)
