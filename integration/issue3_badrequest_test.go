@@ -97,7 +97,7 @@ func TestIssue3BadRequests(t *testing.T) {
 		{"--reverse-map to a missing blue column", shadow.Request{Table: "accounts", Alter: alter, ReverseMap: map[string]string{"nosuchcol": "1"}}, shadow.ErrBadMapping, []string{"nosuchcol"}},
 		{"a name needing quotes given unquoted", shadow.Request{Table: "MixedCase", Alter: alter}, shadow.ErrNoSuchTable, []string{`"MixedCase"`}},
 		{"a name with a space unquoted", shadow.Request{Table: "public.Mixed Case", Alter: alter}, shadow.ErrBadRequest, []string{"Mixed Case", "quote"}},
-		{"a second migration on the same table", shadow.Request{Table: "busy", Alter: alter}, shadow.ErrTableBusy, []string{"busy", busy.ID, "abort"}},
+		{"a second migration on the same table", shadow.Request{Table: "busy", Alter: alter}, shadow.ErrTableBusy, []string{"busy", busy.ID, "shadowctl resume " + busy.ID, "abort"}},
 		{"an id that is taken", shadow.Request{Table: "accounts", Alter: alter, ID: old.ID}, shadow.ErrIDTaken, []string{old.ID, "--name"}},
 		{"storage over budget", shadow.Request{Table: "accounts", Alter: alter, MaxExtraStorage: 1}, shadow.ErrStorageBudget, []string{"accounts", "--max-extra-storage"}},
 		{"green schema is the table's schema", shadow.Request{Table: "accounts", Alter: alter, GreenSchema: "public"}, shadow.ErrBadRequest, []string{"--green-schema", "public"}},
