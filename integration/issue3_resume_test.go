@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/shadow"
 )
@@ -165,4 +166,58 @@ func errorString(err error) string {
 		return "exit 0"
 	}
 	return err.Error()
+}
+
+// An interrupted `start` (SIGINT) keeps the checkpoint and tells the operator
+// how to continue or abort, naming the migration even when its id was
+// generated; `shadowctl abort` then removes everything.
+func TestIssue3InterruptedStartNamesResume(t *testing.T) {
+	db := newTestDB(t)
+	createItems(db, "items", 6000)
+	ctx := context.Background()
+	bin := shadowctlBinary(t)
+	before := dbFingerprint(t, db, "shadowctl")
+	start := exec.Command(bin, "--dsn", db.DSN, "--log-level", "warn", "start", "--table", "items",
+		"--alter", "ALTER COLUMN n TYPE bigint", "--batch-size", "200", "--max-rows-per-second", "2000", "--no-progress")
+	var stderr bytes.Buffer
+	start.Stderr = &stderr
+	if err := start.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- start.Wait() }()
+	var id string
+	waitFor(t, "the copy to be under way", 60*time.Second, func() (bool, error) {
+		select {
+		case err := <-exited:
+			return false, errors.New("start exited early: " + errorString(err) + ": " + stderr.String())
+		default:
+		}
+		err := db.Pool.QueryRow(ctx, `SELECT migration_id FROM shadowctl.copy_ranges GROUP BY 1 HAVING sum(rows_copied) > 0`).Scan(&id)
+		if err != nil && (errors.Is(err, pgx.ErrNoRows) || strings.Contains(err.Error(), "does not exist")) {
+			return false, nil
+		}
+		return err == nil, err
+	})
+	if err := start.Process.Signal(syscall.SIGINT); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-exited; err == nil {
+		t.Fatal("an interrupted start exited 0")
+	}
+	if msg := stderr.String(); !strings.Contains(msg, "shadowctl resume "+id) || !strings.Contains(msg, "shadowctl abort "+id) {
+		t.Fatalf("the interruption message does not name `shadowctl resume %s`: %s", id, msg)
+	}
+	m, err := db.Runner.Store.Get(ctx, db.Pool, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m.Phase != shadow.Copying || m.RowsCopied == 0 {
+		t.Fatalf("after the interruption: %s with %d rows copied, want copying with its checkpoint", m.Phase, m.RowsCopied)
+	}
+	if res := runCLI(t, nil, "--dsn", db.DSN, "abort", id); res.Code != 0 {
+		t.Fatalf("abort: %d %s", res.Code, res.Stderr)
+	}
+	assertSameSchema(t, "after abort", before, dbFingerprint(t, db, "shadowctl"))
+	assertNoToolObjects(t, db, "green")
 }
