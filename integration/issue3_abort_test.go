@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"errors"
+	"strings"
 	"testing"
 	"time"
 
@@ -169,4 +170,41 @@ func TestIssue3AbortAtEachPhase(t *testing.T) {
 		}
 		abort(t, m, shadow.Failed)
 	})
+}
+
+// A failure in preparing after green was built (here a failpoint; in life,
+// the sync's lock not granted within the setup timeout) is recorded: the
+// catalog says failed with the error, not preparing; abort then restores the
+// schema.
+func TestIssue3FailureInPreparingIsRecorded(t *testing.T) {
+	db := newTestDB(t)
+	createItems(db, "items", 100)
+	ctx := context.Background()
+	before := dbFingerprint(t, db, "shadowctl")
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	boom := errors.New("injected failure after green was built")
+	db.Runner.Failpoints.AfterPhase = func(ctx context.Context, to shadow.Phase) error {
+		if to == shadow.Preparing {
+			return boom
+		}
+		return nil
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); !errors.Is(err, boom) {
+		t.Fatalf("drive: %v, want the injected failure", err)
+	}
+	got, err := db.Runner.Store.Get(ctx, db.Pool, m.ID)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Phase != shadow.Failed || !strings.Contains(got.Error, boom.Error()) {
+		t.Fatalf("catalog says %s / %q, want failed with the error", got.Phase, got.Error)
+	}
+	if err := db.Runner.Abort(ctx, m.ID, ""); err != nil {
+		t.Fatal(err)
+	}
+	assertSameSchema(t, "after abort", before, dbFingerprint(t, db, "shadowctl"))
+	assertNoToolObjects(t, db, "green")
 }
