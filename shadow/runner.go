@@ -292,6 +292,7 @@ func (r *Runner) prepare(ctx context.Context, m *Migration) error {
 		if err != nil {
 			return err
 		}
+		m.Phase = Preparing // committed: a failure from here on is recorded from preparing
 		r.Log.Info().Str("migration", m.ID).Str("green", m.State.Plan.Forward.Target.String()).Msg("green built")
 		if err := r.afterPhase(ctx, Preparing); err != nil {
 			return err
