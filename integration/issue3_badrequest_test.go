@@ -37,6 +37,8 @@ func TestIssue3BadRequests(t *testing.T) {
 		`CREATE EXTENSION file_fdw`,
 		`CREATE SERVER files FOREIGN DATA WRAPPER file_fdw`,
 		`CREATE FOREIGN TABLE foreign_rows (id int) SERVER files OPTIONS (filename '/dev/null')`,
+		`CREATE SCHEMA other`,
+		`CREATE TABLE other.accounts (id int)`,
 	)
 	// A temporary table lives in another session's temp schema.
 	tempConn, err := db.Pool.Acquire(ctx)
@@ -103,6 +105,7 @@ func TestIssue3BadRequests(t *testing.T) {
 		{"green schema is the table's schema", shadow.Request{Table: "accounts", Alter: alter, GreenSchema: "public"}, shadow.ErrBadRequest, []string{"--green-schema", "public"}},
 		{"a dependent view", shadow.Request{Table: "with_dependent", Alter: alter}, shadow.ErrDependents, []string{"dependent_view"}},
 		{"an exclusion constraint", shadow.Request{Table: "with_exclusion", Alter: alter}, shadow.ErrUnsupported, []string{"with_exclusion_during_excl", "exclusion"}},
+		{"green table exists in --green-schema", shadow.Request{Table: "accounts", Alter: alter, GreenSchema: "other"}, shadow.ErrGreenExists, []string{`"other"."accounts"`, "--green-schema"}},
 		{"--sync bogus", shadow.Request{Table: "accounts", Alter: alter, Sync: "bogus"}, shadow.ErrBadRequest, []string{"--sync", "bogus"}},
 		{"empty --alter", shadow.Request{Table: "accounts", Alter: "  "}, shadow.ErrBadRequest, []string{"--alter"}},
 		{"the whole ALTER TABLE statement", shadow.Request{Table: "accounts", Alter: "ALTER TABLE accounts ADD COLUMN x int"}, shadow.ErrBadAlter, []string{"not the whole statement"}},
@@ -160,6 +163,26 @@ func TestIssue3BadRequests(t *testing.T) {
 		}
 		assertSameSchema(t, "after the failed copy", before, dbFingerprint(t, db, "shadowctl"))
 	})
+	// The same refusals through the command line: a non-zero exit and the
+	// message on stderr.
+	for _, c := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"start", "--table", "nosuch", "--alter", alter}, 1, "no such table"},
+		{[]string{"start", "--table", "accounts", "--alter", alter, "--map", "extra"}, 2, "write column=SQL-expression"},
+		{[]string{"start", "--table", "accounts", "--alter", alter, "--max-extra-storage", "lots"}, 2, "use a number with an optional unit"},
+		{[]string{"start", "--table", "accounts", "--alter", "DROP COLUMN name"}, 1, "--reverse-map name="},
+		{[]string{"resume", "no-such-migration"}, 1, "no such migration"},
+	} {
+		res := runCLI(t, nil, append([]string{"--dsn", db.DSN}, c.args...)...)
+		if res.Code != c.code || !strings.Contains(res.Stderr, c.msg) {
+			t.Fatalf("shadowctl %v: exit %d, stderr %q; want exit %d mentioning %q", c.args, res.Code, res.Stderr, c.code, c.msg)
+		}
+		assertSameSchema(t, strings.Join(c.args, " "), before, dbFingerprint(t, db, "shadowctl"))
+	}
+
 	if err := db.Runner.Abort(ctx, busy.ID, ""); err != nil {
 		t.Fatal(err)
 	}
