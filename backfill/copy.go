@@ -77,6 +77,9 @@ type Copier struct {
 	// resumed after the snapshot was lost: the stream's idempotent replay
 	// converges green).
 	NoLock bool
+	// StartFailpoint, when set, runs inside each batch's transaction before
+	// the batch statement reads anything (tests use it to interleave).
+	StartFailpoint func(ctx context.Context, tx pgx.Tx, r Range) error
 
 	limiter rateLimiter
 }
@@ -202,6 +205,11 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
 					return err
 				}
+				if c.StartFailpoint != nil {
+					if err := c.StartFailpoint(ctx, tx, r); err != nil {
+						return err
+					}
+				}
 				args := c.batchArgs(r, size)
 				if err := tx.QueryRow(ctx, stmt, args...).Scan(&n, &inserted, &last); err != nil {
 					return err
@@ -283,13 +291,23 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 	return err
 }
 
-// batchSQL renders one batch: lock the next rows of the range against
-// deletion and key change (FOR KEY SHARE), insert their mapping unless the
-// sync already put a newer version there (ON CONFLICT DO NOTHING), and report
-// how many rows were read, inserted, and the last key. Rows deleted before we
-// lock them are skipped; rows deleted after wait for our commit and are then
-// deleted from green by the sync. So a batch can neither resurrect a deleted
-// row nor overwrite a newer one.
+// batchSQL renders one batch: take the next keys of the range from the
+// statement's snapshot (ids), lock those rows against deletion and key change
+// (FOR KEY SHARE), insert their mapping unless the sync already put a newer
+// version there (ON CONFLICT DO NOTHING), and report how many keys were read,
+// rows inserted, and the last key read. Rows deleted before we lock them are
+// skipped; rows deleted after wait for our commit and are then deleted from
+// green by the sync. So a batch can neither resurrect a deleted row nor
+// overwrite a newer one.
+//
+// The locked rows are bounded by the last key of ids, which is also the
+// checkpoint: a row whose key a concurrent transaction changed while we
+// waited for its lock comes back from FOR KEY SHARE as its new version (READ
+// COMMITTED re-checks the newest version against the WHERE clause only);
+// bounded, a row moved past the batch is skipped (the sync copies it under its
+// new key), and its new key can never become the checkpoint, which would skip
+// every row between the batch's end and that key. Rows are locked in key
+// order by one index range scan, as before.
 func (c *Copier) batchSQL(r Range) string {
 	m := c.Mapping
 	keyList := m.SourceKeyList("b")
@@ -314,14 +332,18 @@ func (c *Copier) batchSQL(r Range) string {
 	if c.Snapshot != "" || c.NoLock {
 		lock = ""
 	}
-	return fmt.Sprintf(`WITH src AS MATERIALIZED (
-  SELECT * FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d%s
+	cols := strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")")
+	return fmt.Sprintf(`WITH ids AS MATERIALIZED (
+  SELECT %[1]s FROM ONLY %[2]s AS b WHERE %[3]s ORDER BY %[1]s LIMIT $%[4]d
+), src AS MATERIALIZED (
+  SELECT * FROM ONLY %[2]s AS b WHERE %[3]s AND %[5]s <= (SELECT %[1]s FROM ids ORDER BY %[7]s LIMIT 1)
+   ORDER BY %[1]s%[9]s
 ), ins AS (
-  %s %s RETURNING 1
+  %[6]s RETURNING 1
 )
-SELECT (SELECT count(*) FROM src), (SELECT count(*) FROM ins), (SELECT ARRAY[%s] FROM src ORDER BY %s LIMIT 1)`,
-		m.Source.Quoted(), strings.Join(where, " AND "), strings.TrimSuffix(strings.TrimPrefix(keyList, "("), ")"), n+1, lock,
-		m.InsertSelect("src"), m.OnConflictDoNothing(), strings.Join(lastArr, ", "), strings.Join(desc, ", "))
+SELECT (SELECT count(*) FROM ids), (SELECT count(*) FROM ins), (SELECT ARRAY[%[8]s] FROM ids ORDER BY %[7]s LIMIT 1)`,
+		cols, m.Source.Quoted(), strings.Join(where, " AND "), n+1, keyList,
+		m.InsertSelect("src")+" "+m.OnConflictDoNothing(), strings.Join(desc, ", "), strings.Join(lastArr, ", "), lock)
 }
 
 func (c *Copier) batchArgs(r Range, size int) []any {

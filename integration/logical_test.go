@@ -13,18 +13,6 @@ import (
 	"github.com/shadowctl/shadowctl/sync"
 )
 
-// waitFor polls cond until it holds or the deadline passes.
-func waitFor(t testing.TB, what string, limit time.Duration, cond func() bool) {
-	t.Helper()
-	deadline := time.Now().Add(limit)
-	for !cond() {
-		if time.Now().After(deadline) {
-			t.Fatalf("timed out after %s waiting for %s", limit, what)
-		}
-		time.Sleep(5 * time.Millisecond)
-	}
-}
-
 // Issue 6, done-when 3: kill -9 of the process applying the stream, then a
 // new one: no change lost or applied twice (exact end state), and the slot's
 // confirmed position never passes what green committed.
@@ -63,7 +51,7 @@ func TestLogicalKill9MidStreamResumes(t *testing.T) {
 	}
 	first := follow()
 	start := applied()
-	waitFor(t, "the first follower to apply changes", time.Minute, func() bool { return applied() != start })
+	waitFor(t, "the first follower to apply changes", time.Minute, func() (bool, error) { return applied() != start, nil })
 	w.waitOps(300)
 	positionsOK()
 	if err := first.Process.Signal(syscall.SIGKILL); err != nil {
@@ -73,7 +61,7 @@ func TestLogicalKill9MidStreamResumes(t *testing.T) {
 	atKill := applied()
 	w.waitOps(300) // changes pile up with nobody applying them
 	second := follow()
-	waitFor(t, "the second follower to apply changes", time.Minute, func() bool { return applied() != atKill })
+	waitFor(t, "the second follower to apply changes", time.Minute, func() (bool, error) { return applied() != atKill, nil })
 	positionsOK()
 	w.waitOps(200)
 	if errs := w.stop(); len(errs) > 0 {

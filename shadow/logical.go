@@ -208,7 +208,7 @@ func (r *Runner) Follow(ctx context.Context, id string) error {
 			return ctx.Err()
 		}
 		if errors.Is(err, sync.ErrTruncate) || errors.Is(err, sync.ErrRelationChanged) || errors.Is(err, sync.ErrWALLimit) {
-			return r.fail(context.WithoutCancel(ctx), m, err)
+			return r.fail(context.WithoutCancel(ctx), m, err, nil)
 		}
 		cur, gerr := r.Store.Get(ctx, r.Pool, id)
 		if gerr == nil && !cur.logical() {

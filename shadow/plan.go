@@ -116,7 +116,8 @@ func splitTableName(ctx context.Context, q pgsql.Querier, name string) (pgsql.Qu
 		err := q.QueryRow(ctx, `SELECT n.nspname FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
 			WHERE c.oid = to_regclass($1)`, pgx.Identifier{parts[0]}.Sanitize()).Scan(&schema)
 		if errors.Is(err, pgx.ErrNoRows) || (err == nil && schema == nil) {
-			return pgsql.QualifiedName{}, fmt.Errorf("table %s (searched the search_path): %w", pgsql.Ident(parts[0]), ErrNoSuchTable)
+			return pgsql.QualifiedName{}, fmt.Errorf("table %s (searched the search_path): %w%s", pgsql.Ident(parts[0]), ErrNoSuchTable,
+				quotingHint(ctx, q, pgsql.QualifiedName{Name: parts[0]}))
 		}
 		if err != nil {
 			return pgsql.QualifiedName{}, fmt.Errorf("resolve --table %q: %w", name, err)
@@ -126,11 +127,27 @@ func splitTableName(ctx context.Context, q pgsql.Querier, name string) (pgsql.Qu
 	return pgsql.QualifiedName{}, fmt.Errorf("%w: --table %q: write schema.table or table", ErrBadRequest, name)
 }
 
+// quotingHint names tables that differ from a missing name only in letter
+// case: unquoted names are folded to lower case, so "MyTable" must be quoted.
+func quotingHint(ctx context.Context, q pgsql.Querier, name pgsql.QualifiedName) string {
+	rows, err := q.Query(ctx, `SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+		WHERE lower(c.relname) = lower($2) AND ($1 = '' OR lower(n.nspname) = lower($1)) AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+		ORDER BY 1 LIMIT 3`, name.Schema, name.Name)
+	if err != nil {
+		return ""
+	}
+	names, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil || len(names) == 0 {
+		return ""
+	}
+	return fmt.Sprintf("; did you mean %s? Unquoted names are folded to lower case: quote the name, e.g. --table '%s'", strings.Join(names, " or "), names[0])
+}
+
 // loadBlue reads blue and refuses what the tool cannot migrate.
 func loadBlue(ctx context.Context, q pgsql.Querier, name pgsql.QualifiedName) (*pgmeta.Table, error) {
 	blue, err := pgmeta.Load(ctx, q, name.Schema, name.Name)
 	if errors.Is(err, pgmeta.ErrNoTable) {
-		return nil, fmt.Errorf("table %s: %w (check the name and the --dsn database)", name, ErrNoSuchTable)
+		return nil, fmt.Errorf("table %s: %w (check the name and the --dsn database)%s", name, ErrNoSuchTable, quotingHint(ctx, q, name))
 	}
 	if err != nil {
 		return nil, err

@@ -30,6 +30,9 @@ var ErrStopped = errors.New("the migration was stopped")
 type Failpoints struct {
 	// CopyBatch runs inside each copy batch's transaction before its commit.
 	CopyBatch func(ctx context.Context, r backfill.Range) error
+	// CopyBatchStart runs inside each copy batch's transaction before the
+	// batch statement reads anything.
+	CopyBatchStart func(ctx context.Context, tx pgx.Tx, r backfill.Range) error
 	// AfterPhase runs after a phase change has been committed.
 	AfterPhase func(ctx context.Context, to Phase) error
 }
@@ -47,13 +50,16 @@ type Runner struct {
 	// SyncSetupTimeout bounds how long installing or removing the sync may
 	// keep retrying its short lock.
 	SyncSetupTimeout time.Duration
+	// ClaimWait is how long Drive waits for another driver of the same
+	// migration to let go before failing with ErrClaimed (default 30s).
+	ClaimWait time.Duration
 
-	slots slotRegistry
+	slots *slotRegistry // shared by copies of the runner
 }
 
 // NewRunner returns a runner over the catalog cat.
 func NewRunner(pool *pgxpool.Pool, cat catalog.Catalog, log zerolog.Logger) *Runner {
-	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log}
+	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log, slots: &slotRegistry{}}
 }
 
 // Submit checks a request against the database (nothing is created if it is
@@ -84,7 +90,7 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 	if id, err := r.Store.ActiveOn(ctx, name); err != nil {
 		return nil, err
 	} else if id != "" {
-		return nil, fmt.Errorf("table %s: %w: %s (abort or finish it first)", name, ErrTableBusy, id)
+		return nil, fmt.Errorf("table %s: %w: %s (continue it with `shadowctl resume %s`, or abort it first)", name, ErrTableBusy, id, id)
 	}
 	if req.ID == "" {
 		req.ID = newID(name.Name)
@@ -179,7 +185,11 @@ func (r *Runner) Drive(ctx context.Context, id string, until Phase) (*Migration,
 	if chainIndex(until) < 0 {
 		return nil, fmt.Errorf("%w: --until must be one of %v", ErrBadRequest, chain)
 	}
-	claim, err := r.claim(ctx, id, 30*time.Second)
+	wait := r.ClaimWait
+	if wait <= 0 {
+		wait = 30 * time.Second
+	}
+	claim, err := r.claim(ctx, id, wait)
 	if err != nil {
 		return nil, err
 	}
@@ -221,15 +231,17 @@ func (r *Runner) Drive(ctx context.Context, id string, until Phase) (*Migration,
 			if cause := context.Cause(ctx); cause != nil && ctx.Err() != nil {
 				return m, cause
 			}
-			return m, r.fail(context.WithoutCancel(ctx), m, stepErr)
+			return m, r.fail(context.WithoutCancel(ctx), m, stepErr, claim)
 		}
 	}
 }
 
 // fail records a phase's error. A request that cannot work as given (a row
 // that cannot be converted, a refused ALTER) is aborted at once, so the
-// database is as it was; anything else stays failed for the operator.
-func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
+// database is as it was; anything else stays failed for the operator. held is
+// the driver's own claim (the abort must not wait for it). The returned error
+// wraps stepErr.
+func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error, held *claimHandle) error {
 	if errors.Is(stepErr, ErrStopped) {
 		return stepErr
 	}
@@ -245,16 +257,26 @@ func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
 		}
 	}
 	if errors.Is(stepErr, backfill.ErrBadRow) || isBadRequest(stepErr) {
-		if err := r.abort(ctx, m.ID, msg, nil); err != nil {
-			return fmt.Errorf("%s; and the cleanup failed: %v (run `shadowctl abort %s`)", msg, err, m.ID)
+		if err := r.abort(ctx, m.ID, msg, held); err != nil {
+			return &stepError{msg: fmt.Sprintf("%s; and the cleanup failed: %v (run `shadowctl abort %s`)", msg, err, m.ID), err: stepErr}
 		}
-		return fmt.Errorf("migration %s: %s; everything it created was removed", m.ID, msg)
+		return &stepError{msg: fmt.Sprintf("migration %s: %s; everything it created was removed", m.ID, msg), err: stepErr}
 	}
 	if err := r.Store.SetPhase(ctx, r.Pool, m.ID, []Phase{m.Phase}, Failed, msg); err != nil {
 		r.Log.Error().Err(err).Msg("could not record the failure")
 	}
-	return fmt.Errorf("migration %s: %s", m.ID, msg)
+	return &stepError{msg: fmt.Sprintf("migration %s: %s", m.ID, msg), err: stepErr}
 }
+
+// stepError is a phase's failure as told to the operator; it wraps the cause
+// so that callers can tell causes apart with errors.Is.
+type stepError struct {
+	msg string
+	err error
+}
+
+func (e *stepError) Error() string { return e.msg }
+func (e *stepError) Unwrap() error { return e.err }
 
 func (r *Runner) afterPhase(ctx context.Context, to Phase) error {
 	if r.Failpoints.AfterPhase != nil {
@@ -285,6 +307,7 @@ func (r *Runner) prepare(ctx context.Context, m *Migration) error {
 		if err != nil {
 			return err
 		}
+		m.Phase = Preparing // committed: a failure from here on is recorded from preparing
 		r.Log.Info().Str("migration", m.ID).Str("green", m.State.Plan.Forward.Target.String()).Msg("green built")
 		if err := r.afterPhase(ctx, Preparing); err != nil {
 			return err
@@ -356,6 +379,8 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 		LockTimeout: max(m.Request.LockTimeout, time.Second),
 		Log:         r.Log.With().Str("migration", m.ID).Logger(),
 		Failpoint:   r.Failpoints.CopyBatch,
+
+		StartFailpoint: r.Failpoints.CopyBatchStart,
 	}
 	c.MaxRowsPerSecond.Store(int64(m.Request.MaxRowsPerSecond))
 	if m.logical() {

@@ -20,6 +20,7 @@ import (
 
 func init() {
 	register(startCommand())
+	register(resumeCommand())
 	register(statusCommand())
 	register(&cli.Command{
 		Name:      "list",
@@ -147,12 +148,57 @@ func startCommand() *cli.Command {
 				if until == shadow.Pending {
 					return nil
 				}
+				id := m.ID
 				stop := startProgress(c, r, m)
-				m, err = r.Drive(c.Context, m.ID, until)
+				m, err = r.Drive(c.Context, id, until)
 				stop()
 				if err != nil {
 					if errors.Is(err, context.Canceled) {
-						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl start` … --name %s again or `shadowctl abort %s`", req.ID, req.ID)
+						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl resume %s` or `shadowctl abort %s`: %w", id, id, err)
+					}
+					return err
+				}
+				fmt.Fprintf(c.App.Writer, "migration %s is %s\n", m.ID, m.Phase)
+				return nil
+			})
+		},
+	}
+}
+
+// resumeCommand drives an existing migration from its last checkpoint: after
+// a killed or interrupted `start`, or one submitted with --detach.
+func resumeCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "resume",
+		Usage: "drive an existing migration from its last checkpoint until --until (default ready)",
+		Description: "After `start` was killed or interrupted (or submitted with --detach), resume continues the\n" +
+			"migration where its catalog checkpoint says it stopped: finished copy ranges are not copied again.\n" +
+			"It fails if another process drives the migration now.",
+		ArgsUsage: "ID",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "until", Value: "ready", Usage: "drive the migration up to this phase"},
+			&cli.BoolFlag{Name: "no-progress", Usage: "no live progress line"},
+		},
+		Action: func(c *cli.Context) error {
+			id, err := oneID(c)
+			if err != nil {
+				return err
+			}
+			until, err := shadow.ParsePhase(c.String("until"))
+			if err != nil {
+				return cli.Exit(err.Error(), 2)
+			}
+			return withRunner(c, func(r *shadow.Runner) error {
+				m, err := r.Store.Get(c.Context, r.Pool, id)
+				if err != nil {
+					return err
+				}
+				stop := startProgress(c, r, m)
+				m, err = r.Drive(c.Context, id, until)
+				stop()
+				if err != nil {
+					if errors.Is(err, context.Canceled) {
+						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl resume %s` again or `shadowctl abort %s`: %w", id, id, err)
 					}
 					return err
 				}

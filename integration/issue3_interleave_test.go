@@ -1,0 +1,367 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/jackc/pgx/v5"
+	"github.com/shadowctl/shadowctl/backfill"
+	"github.com/shadowctl/shadowctl/shadow"
+)
+
+// session is one application connection of a deterministic interleaving
+// test: statements run in the background, so the test can look at what the
+// session waits for while it is blocked.
+type session struct {
+	t    *testing.T
+	conn *pgx.Conn
+	pid  int32
+	done chan error
+}
+
+func newSession(t *testing.T, db *testDB) *session {
+	t.Helper()
+	// A connection of its own: the runner's pool must not run dry.
+	conn, err := pgx.Connect(context.Background(), db.DSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close(context.Background()) })
+	s := &session{t: t, conn: conn}
+	if err := conn.QueryRow(context.Background(), `SELECT pg_backend_pid()`).Scan(&s.pid); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// start runs sql in the background; wait returns its error.
+func (s *session) start(sql string, args ...any) {
+	s.done = make(chan error, 1)
+	go func() {
+		_, err := s.conn.Exec(context.Background(), sql, args...)
+		s.done <- err
+	}()
+}
+
+// run runs sql and waits for it.
+func (s *session) run(sql string, args ...any) {
+	s.t.Helper()
+	if _, err := s.conn.Exec(context.Background(), sql, args...); err != nil {
+		s.t.Fatalf("session %d: %s: %v", s.pid, sql, err)
+	}
+}
+
+func (s *session) wait(what string) {
+	s.t.Helper()
+	select {
+	case err := <-s.done:
+		if err != nil {
+			s.t.Fatalf("%s: %v", what, err)
+		}
+	case <-time.After(30 * time.Second):
+		s.t.Fatalf("%s did not finish", what)
+	}
+}
+
+// finished reports whether the background statement has ended (without
+// waiting), failing on its error.
+func (s *session) finished() bool {
+	s.t.Helper()
+	select {
+	case err := <-s.done:
+		if err != nil {
+			s.t.Fatalf("session %d: %v", s.pid, err)
+		}
+		s.done <- nil
+		return true
+	default:
+		return false
+	}
+}
+
+// createItems makes a table whose keys are the even numbers 2..2n, so rows can
+// be inserted between the keys of a batch.
+func createItems(db *testDB, table string, n int) {
+	db.t.Helper()
+	db.exec(
+		fmt.Sprintf(`CREATE TABLE %s (id int PRIMARY KEY, v text NOT NULL, n int)`, qi(table)),
+		fmt.Sprintf(`INSERT INTO %s SELECT 2 * g, 'v' || 2 * g, g FROM generate_series(1, %d) g`, qi(table), n),
+	)
+}
+
+func driveAsync(ctx context.Context, r *shadow.Runner, id string, until shadow.Phase) chan error {
+	done := make(chan error, 1)
+	go func() {
+		_, err := r.Drive(ctx, id, until)
+		done <- err
+	}()
+	return done
+}
+
+func waitDone(t *testing.T, what string, ch chan error) {
+	t.Helper()
+	select {
+	case err := <-ch:
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatalf("%s did not finish", what)
+	}
+}
+
+func verifyResult(t *testing.T, db *testDB, id string) map[string]any {
+	t.Helper()
+	m, err := db.Runner.Store.Get(context.Background(), db.Pool, id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var v map[string]any
+	if err := json.Unmarshal(m.Verify, &v); err != nil {
+		t.Fatalf("verify result %q: %v", m.Verify, err)
+	}
+	return v
+}
+
+// Issue 3, done-when 2 (after the write): the first copy batch is paused
+// inside its transaction after it read (FOR KEY SHARE) and wrote green, before
+// its commit. Meanwhile a DELETE, a key change, a non-key UPDATE and an
+// INSERT hit rows of that batch's key range:
+//   - the DELETE and the key change wait for the batch's KEY SHARE locks on
+//     blue (they never reach green while the batch is open);
+//   - the non-key UPDATE is not blocked on blue, its trigger reaches green and
+//     its upsert waits on green's key index for the batch's uncommitted row;
+//   - the INSERT of a new key inside the range is not blocked at all.
+//
+// After the release, green equals the mapping of blue when the copy ends
+// (before any verification could repair it): the deleted row is not
+// resurrected, the updated row has its new version, the re-keyed row is only
+// under its new key.
+func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
+	db := newTestDB(t)
+	createItems(db, "items", 40)
+	ctx := context.Background()
+
+	var copyPID int32 // written before paused is closed, read after
+	paused, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	db.Runner.Failpoints.CopyBatchStart = func(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
+		if r.Last != nil {
+			return nil
+		}
+		return tx.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&copyPID)
+	}
+	db.Runner.Failpoints.CopyBatch = func(ctx context.Context, r backfill.Range) error {
+		if len(r.Last) == 1 && r.Last[0] == "20" { // the first batch: keys 2..20
+			once.Do(func() {
+				close(paused)
+				select {
+				case <-release:
+				case <-ctx.Done():
+				}
+			})
+		}
+		return nil
+	}
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint", BatchSize: 10, Workers: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	drive := driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
+	select {
+	case <-paused:
+	case err := <-drive:
+		t.Fatalf("the copy ended before the failpoint: %v", err)
+	}
+
+	del, upd, rekey, ins := newSession(t, db), newSession(t, db), newSession(t, db), newSession(t, db)
+	del.start(`DELETE FROM items WHERE id = 4`)
+	upd.start(`UPDATE items SET v = 'updated', n = -6 WHERE id = 6`)
+	rekey.start(`UPDATE items SET id = 1001 WHERE id = 8`)
+	ins.start(`INSERT INTO items VALUES (5, 'inserted', 5)`)
+
+	if b := waitLockWait(t, db, "the DELETE", del.pid); !contains32(b, copyPID) {
+		t.Fatalf("the DELETE waits for %v, not for the copy batch %d", b, copyPID)
+	}
+	if holdsLockOn(t, db, del.pid, "green.items") {
+		t.Fatal("the blocked DELETE already reached green: blue's row was not locked by the batch")
+	}
+	if b := waitLockWait(t, db, "the key change", rekey.pid); !contains32(b, copyPID) {
+		t.Fatalf("the key change waits for %v, not for the copy batch %d", b, copyPID)
+	}
+	if b := waitLockWait(t, db, "the non-key UPDATE", upd.pid); !contains32(b, copyPID) {
+		t.Fatalf("the UPDATE waits for %v, not for the copy batch %d", b, copyPID)
+	}
+	if !holdsLockOn(t, db, upd.pid, "green.items") {
+		t.Fatal("the non-key UPDATE is blocked before its trigger reached green (KEY SHARE must not block non-key updates)")
+	}
+	ins.wait("the INSERT into the paused batch's range (it must not be blocked)")
+	for _, s := range []*session{del, upd, rekey} {
+		if s.finished() {
+			t.Fatalf("session %d finished while the batch was still open", s.pid)
+		}
+	}
+
+	close(release)
+	del.wait("the DELETE")
+	upd.wait("the UPDATE")
+	rekey.wait("the key change")
+	waitDone(t, "drive to verifying", drive)
+
+	// The copy is over: green must be exact now, with nothing repaired.
+	blue := `SELECT id, v, n::bigint FROM public.items`
+	green := `SELECT id, v, n FROM green.items`
+	db.assertGreenMatches(blue, green)
+	if n := scalar[int](db, `SELECT count(*) FROM green.items WHERE id IN (4, 8)`); n != 0 {
+		t.Fatalf("%d deleted or re-keyed rows resurrected in green", n)
+	}
+	if v := scalar[string](db, `SELECT v || '/' || n FROM green.items WHERE id = 6`); v != "updated/-6" {
+		t.Fatalf("green row 6 is %q: the batch overwrote the newer version", v)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM green.items WHERE id IN (5, 1001)`); n != 2 {
+		t.Fatalf("green has %d of the inserted and re-keyed rows, want 2", n)
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	if v := verifyResult(t, db, m.ID); v["mismatched_chunks"].(float64) != 0 {
+		t.Fatalf("verification found differences the copy left: %v", v)
+	}
+	db.assertGreenMatches(blue, green)
+}
+
+// Issue 3, done-when 2 (before the read): the first copy batch's transaction
+// is paused before its statement reads anything; application transactions
+// then change rows of its range and stay open: a DELETE, a DELETE that will
+// roll back, a non-key UPDATE, a key change to a key beyond the table's end,
+// an INSERT. Released, the batch must wait for the deleters and the key
+// changer (its FOR KEY SHARE), and for the updater on green's key; it must
+// skip the deleted and moved rows, copy the row whose delete rolled back, keep
+// the updater's newer version, and go on from the right place: the moved row's
+// new key must not become the batch's checkpoint (that would skip every row
+// between the batch's end and the new key).
+func TestIssue3InterleaveBatchPausedBeforeRead(t *testing.T) {
+	db := newTestDB(t)
+	createItems(db, "items", 40)
+	ctx := context.Background()
+
+	// The batch may time out on its lock and retry on another connection:
+	// copyPID follows it.
+	var copyPID atomic.Int32
+	paused, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	db.Runner.Failpoints.CopyBatchStart = func(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
+		if r.Last != nil {
+			return nil
+		}
+		var pid int32
+		if err := tx.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&pid); err != nil {
+			return err
+		}
+		copyPID.Store(pid)
+		var err error
+		once.Do(func() {
+			close(paused)
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		})
+		return err
+	}
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint", BatchSize: 10, Workers: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	drive := driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
+	select {
+	case <-paused:
+	case err := <-drive:
+		t.Fatalf("the copy ended before the failpoint: %v", err)
+	}
+
+	del, undo, upd, rekey, ins := newSession(t, db), newSession(t, db), newSession(t, db), newSession(t, db), newSession(t, db)
+	for _, s := range []*session{del, undo, upd, rekey, ins} {
+		s.run(`BEGIN`)
+	}
+	del.run(`DELETE FROM items WHERE id = 4`)
+	upd.run(`UPDATE items SET v = 'updated', n = -6 WHERE id = 6`)
+	rekey.run(`UPDATE items SET id = 1001 WHERE id = 8`)
+	undo.run(`DELETE FROM items WHERE id = 10`)
+	ins.run(`INSERT INTO items VALUES (5, 'inserted', 5)`)
+	close(release)
+
+	// The batch needs a lock each of these sessions holds: the rows of the
+	// deleters and the key changer (FOR KEY SHARE, in key order), and the
+	// updater's uncommitted green row 6 (its insert waits on green's key). End
+	// each one only once the batch is seen waiting for it.
+	ends := map[*session]string{del: "COMMIT", rekey: "COMMIT", undo: "ROLLBACK", upd: "COMMIT"}
+	names := map[*session]string{del: "the DELETE of 4", rekey: "the key change of 8", undo: "the DELETE of 10", upd: "the UPDATE of 6"}
+	var order []string
+	for len(ends) > 0 {
+		var blocker *session
+		waitFor(t, "the copy batch to wait for one of the open transactions", 20*time.Second, func() (bool, error) {
+			var blockers []int32
+			err := db.Pool.QueryRow(ctx, `SELECT pg_blocking_pids($1)`, copyPID.Load()).Scan(&blockers)
+			if contains32(blockers, ins.pid) {
+				return false, fmt.Errorf("the batch waits for the INSERT of key 5, which its snapshot cannot see")
+			}
+			for s := range ends {
+				if contains32(blockers, s.pid) {
+					blocker = s
+				}
+			}
+			return blocker != nil, err
+		})
+		order = append(order, names[blocker])
+		blocker.run(ends[blocker])
+		delete(ends, blocker)
+	}
+	t.Logf("the batch waited for, in turn: %v", order)
+	ins.run(`COMMIT`)
+	waitDone(t, "drive to verifying", drive)
+
+	blue := `SELECT id, v, n::bigint FROM public.items`
+	green := `SELECT id, v, n FROM green.items`
+	db.assertGreenMatches(blue, green)
+	if n := scalar[int](db, `SELECT count(*) FROM green.items WHERE id IN (4, 8)`); n != 0 {
+		t.Fatalf("%d deleted or re-keyed rows resurrected in green", n)
+	}
+	if v := scalar[string](db, `SELECT v || '/' || n FROM green.items WHERE id = 6`); v != "updated/-6" {
+		t.Fatalf("green row 6 is %q: the batch overwrote the newer version", v)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM green.items WHERE id IN (5, 10, 1001)`); n != 3 {
+		t.Fatalf("green has %d of rows 5, 10, 1001, want 3", n)
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	if v := verifyResult(t, db, m.ID); v["mismatched_chunks"].(float64) != 0 {
+		t.Fatalf("verification found differences the copy left: %v", v)
+	}
+}
+
+// The batch statement with a composite, non-integer key (one range, keyset
+// batches over a row comparison): the copy alone makes green exact.
+func TestIssue3CopyCompositeTextKey(t *testing.T) {
+	db := newTestDB(t)
+	db.exec(`CREATE TABLE pairs (region text, no int, v text, PRIMARY KEY (region, no))`,
+		`INSERT INTO pairs SELECT 'r' || (g % 7), g, 'v' || g FROM generate_series(1, 3000) g`)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "pairs", Alter: "ALTER COLUMN v TYPE varchar(20)", BatchSize: 200, Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Verifying); err != nil {
+		t.Fatal(err)
+	}
+	db.assertGreenMatches(`SELECT region, no, v::varchar(20) FROM public.pairs`, `SELECT region, no, v FROM green.pairs`)
+	if n := scalar[int64](db, `SELECT sum(rows_copied)::bigint FROM shadowctl.copy_ranges WHERE migration_id = $1`, m.ID); n != 3000 {
+		t.Fatalf("rows copied %d, want 3000 (each row read once)", n)
+	}
+}
