@@ -60,7 +60,9 @@ type Verifier struct {
 	// SHARE lock on the source (writes wait, briefly) after catching up, so a
 	// difference that is only replication lag is never taken for a mismatch.
 	CatchUp func(ctx context.Context) error
-	Log     zerolog.Logger
+	// Gate, when set, is called before each chunk; an error stops the run.
+	Gate func(ctx context.Context) error
+	Log  zerolog.Logger
 
 	quiet gosync.Mutex
 }
@@ -87,6 +89,11 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 	for w := 0; w < max(v.Workers, 1); w++ {
 		g.Go(func() error {
 			for c := range chunks {
+				if v.Gate != nil {
+					if err := v.Gate(gctx); err != nil {
+						return err
+					}
+				}
 				n, ok, desc, err := v.compare(gctx, c)
 				if err != nil {
 					return err

@@ -165,6 +165,35 @@ func HumanBytes(n int64) string {
 	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
 }
 
+// Retry moves a failed migration back to the phase it failed in, so that
+// Drive continues from its checkpoints. Only phases a runner drives can be
+// retried; a logical-sync migration lost its slot when it failed and must be
+// aborted and started again.
+func (r *Runner) Retry(ctx context.Context, id string) (*Migration, error) {
+	m, err := r.Store.Get(ctx, r.Pool, id)
+	if err != nil || m.Phase != Failed {
+		return m, err
+	}
+	var from string
+	err = r.Pool.QueryRow(ctx, `SELECT coalesce(data->>'from', '') FROM `+r.Store.Cat.T("events")+`
+		WHERE migration_id = $1 AND kind = 'phase' AND data->>'to' = 'failed' ORDER BY id DESC LIMIT 1`, id).Scan(&from)
+	if err != nil {
+		return m, fmt.Errorf("migration %s: find the phase it failed in: %w", id, err)
+	}
+	phase := Phase(from)
+	if chainIndex(phase) < chainIndex(Preparing) || chainIndex(phase) > chainIndex(Verifying) {
+		return m, fmt.Errorf("migration %s failed in %q, which cannot be retried: %w (abort it, or roll it back if green serves)", id, from, ErrWrongPhase)
+	}
+	if m.Sync == SyncLogical && !m.State.LogicalDone {
+		return m, fmt.Errorf("migration %s used the logical sync, whose slot was dropped when it failed: %w (abort it and start again)", id, ErrWrongPhase)
+	}
+	if err := r.Store.SetPhase(ctx, r.Pool, id, []Phase{Failed}, phase, ""); err != nil {
+		return m, err
+	}
+	r.Log.Info().Str("migration", id).Str("phase", from).Msg("retrying the failed migration from its checkpoints")
+	return r.Store.Get(ctx, r.Pool, id)
+}
+
 // chain is the order of the phases a runner drives on its own.
 var chain = []Phase{Pending, Preparing, Copying, Verifying, Ready}
 
@@ -262,7 +291,12 @@ func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error, held *cl
 		}
 		return &stepError{msg: fmt.Sprintf("migration %s: %s; everything it created was removed", m.ID, msg), err: stepErr}
 	}
-	if err := r.Store.SetPhase(ctx, r.Pool, m.ID, []Phase{m.Phase}, Failed, msg); err != nil {
+	// From whatever phase the catalog holds now (a step may have moved it).
+	from := []Phase{m.Phase}
+	if cur, err := r.Store.Get(ctx, r.Pool, m.ID); err == nil && !cur.Phase.Terminal() && cur.Phase != Failed {
+		from = append(from, cur.Phase)
+	}
+	if err := r.Store.SetPhase(ctx, r.Pool, m.ID, from, Failed, msg); err != nil {
 		r.Log.Error().Err(err).Msg("could not record the failure")
 	}
 	return &stepError{msg: fmt.Sprintf("migration %s: %s", m.ID, msg), err: stepErr}
@@ -590,6 +624,18 @@ func (r *Runner) verifier(m *Migration) *cutover.Verifier {
 	return &cutover.Verifier{
 		Pool: r.Pool, Mapping: p.Forward, Workers: max(m.Request.Workers, 1), Repair: true, Chunked: chunked,
 		LockTimeout: m.Request.LockTimeout, Log: r.Log.With().Str("migration", m.ID).Logger(),
+		// Stop at the next chunk when someone else moved the migration
+		// (abort, pause): the same rule as the copy's.
+		Gate: func(ctx context.Context) error {
+			cur, err := r.Store.Get(ctx, r.Pool, m.ID)
+			if err != nil {
+				return err
+			}
+			if cur.Phase != Verifying || cur.Paused {
+				return fmt.Errorf("migration %s is now %s (paused=%v): %w", m.ID, cur.Phase, cur.Paused, ErrStopped)
+			}
+			return nil
+		},
 	}
 }
 

@@ -173,6 +173,7 @@ func resumeCommand() *cli.Command {
 		Usage: "drive an existing migration from its last checkpoint until --until (default ready)",
 		Description: "After `start` was killed or interrupted (or submitted with --detach), resume continues the\n" +
 			"migration where its catalog checkpoint says it stopped: finished copy ranges are not copied again.\n" +
+			"A failed migration is retried from the phase it failed in (trigger sync only).\n" +
 			"It fails if another process drives the migration now.",
 		ArgsUsage: "ID",
 		Flags: []cli.Flag{
@@ -189,7 +190,7 @@ func resumeCommand() *cli.Command {
 				return cli.Exit(err.Error(), 2)
 			}
 			return withRunner(c, func(r *shadow.Runner) error {
-				m, err := r.Store.Get(c.Context, r.Pool, id)
+				m, err := r.Retry(c.Context, id) // a failed migration continues from its checkpoints
 				if err != nil {
 					return err
 				}
