@@ -73,6 +73,9 @@ type SwapResult struct {
 	Attempts int           `json:"attempts"`
 	LockWait time.Duration `json:"lock_wait_ns"`
 	LockHold time.Duration `json:"lock_hold_ns"`
+	// queuedAt is the server's clock just before the attempt asked for its
+	// first lock (zero when it never got that far).
+	queuedAt time.Time
 }
 
 // Swap runs body in one transaction after taking the locks in lockSQL, each
@@ -104,7 +107,7 @@ func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedNa
 			return res, err
 		}
 		a := Attempt{No: attempt, At: time.Now(), LockWait: res.LockWait, Err: pgsql.Describe(err)}
-		a.Blockers, _ = blockers(ctx, pool, relations)
+		a.Blockers, _ = blockers(ctx, pool, relations, res.queuedAt)
 		if opts.CancelBlockersAfter > 0 && time.Since(first) >= opts.CancelBlockersAfter {
 			cancelBlockers(ctx, pool, a.Blockers, opts.Log)
 		}
@@ -140,6 +143,9 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	if err := pgsql.SetLocalLockTimeout(ctx, tx, opts.LockTimeout); err != nil {
 		return res, err
 	}
+	if err := tx.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&res.queuedAt); err != nil {
+		return res, err
+	}
 	lockStart := time.Now()
 	for _, rel := range relations {
 		if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
@@ -167,8 +173,12 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	return res, nil
 }
 
-// blockers lists the sessions holding locks on the relations.
-func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName) ([]Blocker, error) {
+// blockers lists the sessions holding locks on the relations whose
+// transaction began before the attempt queued for its lock (queuedAt, the
+// server's clock). Sessions whose transaction began later only queued behind
+// the swap and took their lock when it gave up: they are the application
+// waiting, not blockers, and must be neither reported nor canceled.
+func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName, queuedAt time.Time) ([]Blocker, error) {
 	names := make([]string, len(relations))
 	for i, r := range relations {
 		names[i] = r.Quoted()
@@ -177,7 +187,8 @@ func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.Qualifi
 		SELECT DISTINCT a.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), a.xact_start, coalesce(a.query, '')
 		  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 		 WHERE l.granted AND l.relation = ANY(SELECT to_regclass(n)::oid FROM unnest($1::text[]) n) AND a.pid <> pg_backend_pid()
-		 ORDER BY a.pid`, names)
+		   AND ($2::timestamptz IS NULL OR a.xact_start < $2)
+		 ORDER BY a.pid`, names, nullTime(queuedAt))
 	if err != nil {
 		return nil, err
 	}
@@ -202,6 +213,13 @@ func cancelBlockers(ctx context.Context, pool *pgxpool.Pool, bs []Blocker, log z
 			log.Warn().Int32("pid", b.PID).Str("how", fn).Str("blocker", b.String()).Msg("canceled a session blocking the swap, as the operator allowed")
 		}
 	}
+}
+
+func nullTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
 }
 
 func oneLine(s string, n int) string {
