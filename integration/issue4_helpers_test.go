@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/shadow"
 )
@@ -119,4 +120,23 @@ func waitFor(t testing.TB, what string, bound time.Duration, cond func() bool) {
 		}
 		time.Sleep(2 * time.Millisecond)
 	}
+}
+
+// app is the test database seen by an application: a pool without a
+// server-side prepared-statement cache (a cached plan whose result type
+// changes fails once per connection after the swap, a documented PostgreSQL
+// limit tested elsewhere). The runner keeps using db.Pool.
+func (db *testDB) app() *testDB {
+	db.t.Helper()
+	cfg, err := pgxpool.ParseConfig(db.DSN)
+	if err != nil {
+		db.t.Fatal(err)
+	}
+	cfg.ConnConfig.DefaultQueryExecMode = pgx.QueryExecModeExec
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		db.t.Fatal(err)
+	}
+	db.t.Cleanup(pool.Close)
+	return &testDB{t: db.t, DSN: db.DSN, Pool: pool, Runner: db.Runner}
 }
