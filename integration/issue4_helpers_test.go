@@ -140,3 +140,5 @@ func (db *testDB) app() *testDB {
 	db.t.Cleanup(pool.Close)
 	return &testDB{t: db.t, DSN: db.DSN, Pool: pool, Runner: db.Runner}
 }
+
+func timeNow() time.Time { return time.Now() }
