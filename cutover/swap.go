@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
@@ -103,7 +105,17 @@ func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedNa
 		if err == nil {
 			return res, nil
 		}
-		if errors.Is(err, ErrAmbiguousCommit) || !pgsql.IsRetryable(err) {
+		if errors.Is(err, ErrAmbiguousCommit) {
+			// A connection whose COMMIT had no answer is not to be trusted
+			// (nor handed to the next caller, who would find it dead when
+			// reading what the database serves): close it, and the pool
+			// drops it on release.
+			closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			_ = conn.Conn().Close(closeCtx)
+			cancel()
+			return res, err
+		}
+		if !pgsql.IsRetryable(err) {
 			return res, err
 		}
 		a := Attempt{No: attempt, At: time.Now(), LockWait: res.LockWait, Err: pgsql.Describe(err)}
@@ -164,13 +176,26 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {
-		if pgsql.Code(err) == "" { // no answer from the server: outcome unknown
+		if connectionLost(err) { // no answer to the COMMIT itself: outcome unknown
 			return res, fmt.Errorf("%w: %v", ErrAmbiguousCommit, err)
 		}
 		return res, err
 	}
 	res.LockHold = time.Since(granted)
 	return res, nil
+}
+
+// connectionLost reports an error that ends the session rather than
+// answering the statement: no SQLSTATE at all (I/O error, closed
+// connection), a FATAL or PANIC (e.g. 57P01, the backend was terminated:
+// it may come after the commit took effect), or a connection exception
+// (class 08).
+func connectionLost(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return true
+	}
+	return pgErr.Severity == "FATAL" || pgErr.Severity == "PANIC" || strings.HasPrefix(pgErr.Code, "08")
 }
 
 // blockers lists the sessions holding locks on the relations whose
