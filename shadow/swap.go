@@ -221,6 +221,11 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 	if err != nil {
 		return nil, err
 	}
+	if m.Phase == RolledBack && m.State.Serving != "green" {
+		// Already done (a retried rollback whose answer was lost, say): a
+		// repeat must neither swap again nor tear the migration down.
+		return m, fmt.Errorf("migration %s is already rolled back (blue serves); cut over again or abort: %w", id, ErrWrongPhase)
+	}
 	if m.State.Serving != "green" && m.Phase != CuttingOver && m.Phase != RollingBack && m.Phase != CutOver {
 		if err := r.Abort(ctx, id, "rolled back before the cutover (same as abort)"); err != nil {
 			return m, err
