@@ -189,6 +189,22 @@ func TestIssue4AmbiguousCommitLostAnswer(t *testing.T) {
 	if n, r := db.swapEvents(id, "cutover"), db.swapEvents(id, "rollback"); n != 1 || r != 1 {
 		t.Fatalf("%d cutover and %d rollback events, want 1 and 1", n, r)
 	}
+
+	// Finalize likewise: it happened, so it must not be reported as "the
+	// migration stays cut over".
+	if m, err = db.Runner.Cutover(ctx, id, shadow.CutoverOptions{}); err != nil || m.Phase != shadow.CutOver {
+		t.Fatalf("cutover again: %v", err)
+	}
+	m, err = db.Runner.Finalize(ctx, id, 0, true, shadow.CutoverOptions{BeforeCommit: k.beforeCommit(true)})
+	if err != nil || m.Phase != shadow.Finalized || k.fired != 3 {
+		t.Fatalf("a finalize that committed (answer lost): err %v, migration %v", err, m)
+	}
+	if kind, green := db.relkind(orders.Quoted()), db.relkind(m.State.Plan.Forward.Target.Quoted()); kind != "r" || green != "" {
+		t.Fatalf("after finalize public.orders has relkind %q and green %q", kind, green)
+	}
+	if m, err = db.Runner.Finalize(ctx, id, 0, true, shadow.CutoverOptions{}); err != nil || m.Phase != shadow.Finalized {
+		t.Fatalf("finalize again: %v", err)
+	}
 }
 
 // A process that died in the middle of a swap leaves the intermediate phase
