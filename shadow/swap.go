@@ -371,10 +371,17 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 		}
 		return nil
 	}, opts.swapOptions(r, id))
-	if err != nil {
-		return m, fmt.Errorf("finalize %s: %w (the migration stays cut over; run finalize again)", id, err)
-	}
 	ctx = context.WithoutCancel(ctx)
+	if err != nil {
+		// A COMMIT without an answer: what the database holds decides.
+		var done bool
+		if !errors.Is(err, cutover.ErrAmbiguousCommit) ||
+			r.Pool.QueryRow(ctx, `SELECT to_regclass($1) IS NULL AND (SELECT relkind = 'r' FROM pg_class WHERE oid = to_regclass($2))`,
+				green.Quoted(), final.Quoted()).Scan(&done) != nil || !done {
+			return m, fmt.Errorf("finalize %s: %w (the migration stays cut over; run finalize again)", id, err)
+		}
+		r.Log.Warn().Str("migration", id).Err(err).Msg("the finalize's commit had no answer, but it took effect")
+	}
 	if err := r.dropGreenSchemaIfEmpty(ctx, m); err != nil {
 		r.Log.Warn().Err(err).Msg("could not drop the green schema")
 	}
