@@ -354,3 +354,72 @@ func TestIssue4CutoverCancelsBlockers(t *testing.T) {
 	}
 	t.Logf("%d failed attempts before the blockers were gone", len(attempts))
 }
+
+// The lock timeout bounds the whole time the swap sits in lock queues, not
+// each LOCK statement: the swap locks public.orders first and then green and
+// every table referencing orders, and while it waits for a later one it
+// already holds orders, so the application queues behind it. Blockers on each
+// of those tables, each ending just before the swap's wait on it would time
+// out, must not add their waits up.
+func TestIssue4LockTimeoutBoundsAllLockWaits(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(2000)
+	db.exec(
+		`CREATE TABLE order_items (order_id int REFERENCES orders ON DELETE CASCADE)`,
+		`CREATE TABLE order_notes (order_id int REFERENCES orders ON DELETE CASCADE)`,
+	)
+	id := db.readyMigration("orders", issue4Alter)
+	ctx := context.Background()
+
+	tables := []string{"public.orders", "green.orders", "public.order_items", "public.order_notes"}
+	blockers := map[string]*pgx.Conn{}
+	for _, tbl := range tables {
+		blockers[tbl], _ = beginBlocker(db, "SELECT 1 FROM "+tbl+" LIMIT 1")
+	}
+	p := startProbe(db)
+	res := make(chan cutoverResult, 1)
+	var attempts []cutover.Attempt
+	go func() {
+		m, err := db.Runner.Cutover(ctx, id, shadow.CutoverOptions{
+			LockTimeout: blockerLockTimeout, Deadline: 30 * time.Second,
+			OnAttempt: func(a cutover.Attempt) { attempts = append(attempts, a) },
+		})
+		res <- cutoverResult{m, err}
+	}()
+	// Release each blocker, in the swap's lock order, once the swap has
+	// waited for its table for 85% of the lock timeout (pg_locks.waitstart:
+	// the condition itself). Counted per statement, one attempt would sit
+	// 4 × 85 ms in the queues with public.orders held for most of it.
+	released := 0
+	threshold := blockerLockTimeout * 85 / 100
+	for released < len(tables) {
+		tbl := tables[released]
+		waitFor(t, "the swap to wait on "+tbl, 20*time.Second, func() bool {
+			return scalar[bool](db, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = $1::regclass
+				AND mode = 'AccessExclusiveLock' AND clock_timestamp() - waitstart >= $2::interval)`, tbl, threshold.String())
+		})
+		if _, err := blockers[tbl].Exec(ctx, "COMMIT"); err != nil {
+			t.Fatal(err)
+		}
+		released++
+	}
+	var r cutoverResult
+	select {
+	case r = <-res:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the cutover did not finish")
+	}
+	p.finish(t)
+	if r.err != nil {
+		t.Fatalf("cutover: %v", r.err)
+	}
+	for _, a := range attempts {
+		if a.LockWait > blockerLockTimeout+probeMargin/3 {
+			t.Errorf("attempt %d sat %s in lock queues, lock timeout %s", a.No, a.LockWait, blockerLockTimeout)
+		}
+	}
+	if lc := db.get(id).State.LastCutover; lc == nil || lc.LockWaitMS > float64((blockerLockTimeout+probeMargin/3).Milliseconds()) {
+		t.Errorf("the successful attempt's lock wait: %+v, lock timeout %s", lc, blockerLockTimeout)
+	}
+	t.Logf("%d failed attempts before the cutover", len(attempts))
+}
