@@ -80,8 +80,8 @@ type SwapResult struct {
 	queuedAt time.Time
 }
 
-// Swap runs body in one transaction after taking the locks in lockSQL, each
-// under LockTimeout. When a lock is not granted in time the transaction is
+// Swap runs body in one transaction after taking the locks on relations, all
+// of them within LockTimeout. When a lock is not granted in time the transaction is
 // rolled back, the blockers are reported, and it retries with backoff and
 // jitter until the deadline. Lock wait is the time spent in the LOCK
 // statements of the successful attempt; lock hold is from their end to the
@@ -159,7 +159,15 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 		return res, err
 	}
 	lockStart := time.Now()
-	for _, rel := range relations {
+	for i, rel := range relations {
+		// One budget for all the LOCKs: while waiting for a later relation
+		// the swap already holds the earlier ones, and the application
+		// queues behind it. (What is left also bounds the body's own locks.)
+		if i > 0 {
+			if err := pgsql.SetLocalLockTimeout(ctx, tx, opts.LockTimeout-time.Since(lockStart)); err != nil {
+				return res, err
+			}
+		}
 		if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			res.LockWait = time.Since(lockStart)
 			return res, fmt.Errorf("lock %s: %w", rel, err)
