@@ -19,12 +19,15 @@ func TestIssue4GrantsAndRLS(t *testing.T) {
 	db.createOrders(2000)
 	role := db.newRole("issue4_app")
 	r := pgsql.Ident(role)
+	// A reporting role that may read only some columns.
+	colRole := db.newRole("issue4_cols")
 	db.exec(
 		`ALTER TABLE orders ADD COLUMN tenant text NOT NULL DEFAULT 'w'`,
 		`ALTER TABLE orders ENABLE ROW LEVEL SECURITY`,
 		`CREATE POLICY tenant_isolation ON orders USING (tenant = current_setting('app.tenant', true))`,
 		`GRANT SELECT, INSERT ON orders TO `+r,
 		`GRANT USAGE ON SEQUENCE orders_id_seq TO `+r,
+		`GRANT SELECT (id, amount, tenant) ON orders TO `+pgsql.Ident(colRole),
 	)
 	ctx := context.Background()
 	app := db.app()
@@ -37,8 +40,28 @@ func TestIssue4GrantsAndRLS(t *testing.T) {
 	orders := pgsql.QualifiedName{Schema: "public", Name: "orders"}
 
 	as := db.connectAs(role)
+	asCols := db.connectAs(colRole)
+	if _, err := asCols.Exec(ctx, "SET app.tenant = 'a'"); err != nil {
+		t.Fatal(err)
+	}
 	check := func(stage string) {
 		t.Helper()
+		// The column-level grant: those columns, and no others, of its
+		// tenant's rows.
+		for col, want := range map[string]bool{"id": true, "amount": true, "tenant": true, "customer_name": false, "status": false} {
+			if got := scalar[bool](db, `SELECT has_column_privilege($1, 'public.orders', $2, 'SELECT')`, colRole, col); got != want {
+				t.Errorf("%s: has_column_privilege(%s, %s, SELECT) = %v, want %v", stage, colRole, col, got, want)
+			}
+		}
+		var n int64
+		if err := asCols.QueryRow(ctx, `SELECT count(amount) FROM public.orders WHERE tenant = 'a'`).Scan(&n); err != nil {
+			t.Errorf("%s: SELECT of granted columns as %s: %v", stage, colRole, err)
+		} else if want := scalar[int64](app, `SELECT count(*) FROM public.orders WHERE tenant = 'a'`); n != want {
+			t.Errorf("%s: %s sees %d rows of tenant a, want %d", stage, colRole, n, want)
+		}
+		if _, err := asCols.Exec(ctx, `SELECT customer_name FROM public.orders LIMIT 1`); pgsql.Code(err) != "42501" {
+			t.Errorf("%s: SELECT of a column not granted to %s: %v, want permission denied (42501)", stage, colRole, err)
+		}
 		// Exactly SELECT and INSERT, as the catalog sees it.
 		for priv, want := range map[string]bool{"SELECT": true, "INSERT": true, "UPDATE": false, "DELETE": false, "TRUNCATE": false, "REFERENCES": false, "TRIGGER": false} {
 			if got := scalar[bool](db, `SELECT has_table_privilege($1, 'public.orders', $2)`, role, priv); got != want {
