@@ -138,7 +138,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		stmts := fwd.DropTriggersSQL()
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", m.Table.Quoted(), pgsql.Ident(parked.Name)))
 		stmts = append(stmts, viewSQL(m.Table, p.Green, p.Blue)...)
-		stmts = append(stmts, greenAccessSQL(p.Blue, green)...)
+		stmts = append(stmts, greenAccessSQL(p.Blue, p.Green)...)
 		stmts = append(stmts, userTriggersToGreen(p.Blue, parked, green)...)
 		stmts = append(stmts, rev.CreateSQL()...)
 		for _, fk := range p.Blue.InboundFKs {
@@ -421,21 +421,30 @@ func viewSQL(name pgsql.QualifiedName, green, blue *pgmeta.Table) []string {
 			stmts = append(stmts, fmt.Sprintf("ALTER VIEW %s ALTER COLUMN %s SET DEFAULT %s", name.Quoted(), pgsql.Ident(c.Name), c.Default))
 		}
 	}
-	stmts = append(stmts, grantSQL(blue.Grants, name)...)
+	stmts = append(stmts, grantSQL(blue.Grants, name, green)...)
 	if blue.Comment != "" {
 		stmts = append(stmts, fmt.Sprintf("COMMENT ON VIEW %s IS %s", name.Quoted(), pgsql.Literal(blue.Comment)))
 	}
 	return stmts
 }
 
-func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName) []string {
+// grantSQL re-applies grants on a relation with cols' columns; a column
+// privilege on a column it does not have (dropped by the ALTER) is left out.
+func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName, cols *pgmeta.Table) []string {
 	var stmts []string
 	for _, g := range grants {
 		grantee := "PUBLIC"
 		if g.Grantee != "PUBLIC" {
 			grantee = pgsql.Ident(g.Grantee)
 		}
-		s := fmt.Sprintf("GRANT %s ON %s TO %s", g.Privilege, on.Quoted(), grantee)
+		priv := g.Privilege
+		if g.Column != "" {
+			if _, ok := cols.Column(g.Column); !ok {
+				continue
+			}
+			priv += " (" + pgsql.Ident(g.Column) + ")"
+		}
+		s := fmt.Sprintf("GRANT %s ON %s TO %s", priv, on.Quoted(), grantee)
 		if g.Grantable {
 			s += " WITH GRANT OPTION"
 		}
@@ -446,8 +455,9 @@ func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName) []string {
 
 // greenAccessSQL gives green what the invoker-rights view needs: blue's
 // grants (and USAGE on green's schema) and blue's row-level security.
-func greenAccessSQL(blue *pgmeta.Table, green pgsql.QualifiedName) []string {
-	stmts := grantSQL(blue.Grants, green)
+func greenAccessSQL(blue, greenT *pgmeta.Table) []string {
+	green := greenT.QName()
+	stmts := grantSQL(blue.Grants, green, greenT)
 	seen := map[string]bool{}
 	for _, g := range blue.Grants {
 		if !seen[g.Grantee] {
