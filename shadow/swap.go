@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -414,8 +415,18 @@ func viewSQL(name pgsql.QualifiedName, green, blue *pgmeta.Table) []string {
 	for i, c := range green.Columns {
 		cols[i] = pgsql.Ident(c.Name)
 	}
-	stmts := []string{fmt.Sprintf("CREATE VIEW %s WITH (security_invoker = true) AS SELECT %s FROM %s",
-		name.Quoted(), strings.Join(cols, ", "), green.QName().Quoted())}
+	// An invoker's-rights view makes PostgreSQL check the caller's rights on
+	// every column of green the view reads, which a role with column-level
+	// grants only does not have. Without RLS to apply, an owner's-rights view
+	// is equivalent (the caller's rights are checked on the view, which has
+	// blue's grants, columns included); with RLS the invoker's view is needed
+	// and column-only grantees cannot read through it (a PostgreSQL limit).
+	with := " WITH (security_invoker = true)"
+	if !blue.RLS && slices.ContainsFunc(blue.Grants, func(g pgmeta.Grant) bool { return g.Column != "" }) {
+		with = ""
+	}
+	stmts := []string{fmt.Sprintf("CREATE VIEW %s%s AS SELECT %s FROM %s",
+		name.Quoted(), with, strings.Join(cols, ", "), green.QName().Quoted())}
 	for _, c := range green.Columns {
 		if c.Default != "" && !c.Generated {
 			stmts = append(stmts, fmt.Sprintf("ALTER VIEW %s ALTER COLUMN %s SET DEFAULT %s", name.Quoted(), pgsql.Ident(c.Name), c.Default))
