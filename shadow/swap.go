@@ -327,9 +327,33 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 				var c pgmeta.Column
 				c, _ = p.Blue.Column(s.Column)
 				h.always = c.Identity == "a"
-				if err := tx.QueryRow(ctx, `SELECT coalesce(pg_sequence_last_value($1::regclass), s.seqstart - s.seqincrement), s.seqincrement
-					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).Scan(&h.last, &h.increment); err != nil {
+				// Its value, options and grants: the sequence is dropped with
+				// blue and made anew by ADD GENERATED below. Bounds at their
+				// defaults for the old type are left to default for the
+				// column's type (as ALTER COLUMN TYPE does for identity).
+				var typMin, typMax int64
+				if err := tx.QueryRow(ctx, `SELECT coalesce(pg_sequence_last_value($1::regclass), s.seqstart - s.seqincrement), s.seqincrement,
+					s.seqmin, s.seqmax, s.seqcache, s.seqcycle,
+					CASE s.seqtypid WHEN 'int2'::regtype THEN -32768 WHEN 'int4'::regtype THEN -2147483648 ELSE -9223372036854775808 END,
+					CASE s.seqtypid WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647 ELSE 9223372036854775807 END
+					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).
+					Scan(&h.last, &h.increment, &h.min, &h.max, &h.cache, &h.cycle, &typMin, &typMax); err != nil {
 					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
+				rows, err := tx.Query(ctx, `SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
+					FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1::regclass AND a.grantee <> c.relowner ORDER BY 1, 2`, seq.Quoted())
+				if err != nil {
+					return fmt.Errorf("read the grants on %s: %w", seq, err)
+				}
+				if h.grants, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (pgmeta.Grant, error) {
+					var g pgmeta.Grant
+					return g, r.Scan(&g.Grantee, &g.Privilege, &g.Grantable)
+				}); err != nil {
+					return fmt.Errorf("read the grants on %s: %w", seq, err)
+				}
+				h.defaultMin, h.defaultMax = h.min == 1, h.max == typMax
+				if h.increment < 0 {
+					h.defaultMin, h.defaultMax = h.min == typMin, h.max == -1
 				}
 				identities = append(identities, h)
 				stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s DROP DEFAULT", green.Quoted(), pgsql.Ident(s.Column)))
@@ -349,8 +373,34 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 			if h.always {
 				mode = "ALWAYS"
 			}
-			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s ADD GENERATED %s AS IDENTITY (SEQUENCE NAME %s INCREMENT BY %d START WITH %d)",
-				final.Quoted(), pgsql.Ident(h.seq.Column), mode, pgsql.QualifiedName{Schema: h.seq.Schema, Name: h.seq.Name}.Quoted(), h.increment, h.last+h.increment))
+			seq := pgsql.QualifiedName{Schema: h.seq.Schema, Name: h.seq.Name}.Quoted()
+			start := h.last + h.increment
+			opts := fmt.Sprintf("SEQUENCE NAME %s INCREMENT BY %d CACHE %d", seq, h.increment, h.cache)
+			if !h.defaultMin {
+				opts += fmt.Sprintf(" MINVALUE %d", h.min)
+			}
+			if !h.defaultMax {
+				opts += fmt.Sprintf(" MAXVALUE %d", h.max)
+			}
+			if h.cycle {
+				opts += " CYCLE"
+				if start > h.max || start < h.min { // wraps, as nextval would
+					start = map[bool]int64{true: h.min, false: h.max}[h.increment > 0]
+				}
+			}
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s ADD GENERATED %s AS IDENTITY (%s START WITH %d)",
+				final.Quoted(), pgsql.Ident(h.seq.Column), mode, opts, start))
+			for _, g := range h.grants {
+				grantee := "PUBLIC"
+				if g.Grantee != "PUBLIC" {
+					grantee = pgsql.Ident(g.Grantee)
+				}
+				grant := fmt.Sprintf("GRANT %s ON SEQUENCE %s TO %s", g.Privilege, seq, grantee)
+				if g.Grantable {
+					grant += " WITH GRANT OPTION"
+				}
+				stmts = append(stmts, grant)
+			}
 		}
 		if p.Blue.Comment != "" {
 			stmts = append(stmts, fmt.Sprintf("COMMENT ON TABLE %s IS %s", final.Quoted(), pgsql.Literal(p.Blue.Comment)))
@@ -400,10 +450,13 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 }
 
 type identityHandover struct {
-	seq       pgmeta.Sequence
-	always    bool
-	last      int64
-	increment int64
+	seq                    pgmeta.Sequence
+	always                 bool
+	last, increment        int64
+	min, max, cache        int64
+	cycle                  bool
+	defaultMin, defaultMax bool
+	grants                 []pgmeta.Grant
 }
 
 // viewSQL creates public.<table> as a view over green: green's columns in
