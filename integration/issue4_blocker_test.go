@@ -423,3 +423,53 @@ func TestIssue4LockTimeoutBoundsAllLockWaits(t *testing.T) {
 	}
 	t.Logf("%d failed attempts before the cutover", len(attempts))
 }
+
+// A finalize (or rollback) that cannot take its lock before its deadline
+// gives up cleanly too: still cut over (status says so), green serving, the
+// soak clock not restarted, and the operator can still roll back.
+func TestIssue4FinalizeGivesUpAtDeadline(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(2000)
+	id := db.readyMigration("orders", issue4Alter)
+	ctx := context.Background()
+	orders := pgsql.QualifiedName{Schema: "public", Name: "orders"}
+	if _, err := db.Runner.Cutover(ctx, id, shadow.CutoverOptions{}); err != nil {
+		t.Fatal(err)
+	}
+
+	cutOverAt := db.get(id).CutOverAt
+	blocker, pid := beginBlocker(db, `SELECT id FROM public.orders LIMIT 1`) // the view and green
+	p := startProbe(db)
+	var attempts []cutover.Attempt
+	_, err := db.Runner.Finalize(ctx, id, 0, true, shadow.CutoverOptions{
+		LockTimeout: blockerLockTimeout, Deadline: time.Second,
+		OnAttempt: func(a cutover.Attempt) { attempts = append(attempts, a) },
+	})
+	p.finish(t)
+	p.notBlamed(t, attempts)
+	if !errors.Is(err, cutover.ErrDeadline) {
+		t.Fatalf("finalize against a lock held past the deadline: %v, want ErrDeadline", err)
+	}
+	if len(attempts) == 0 || !hasPID(attempts[len(attempts)-1], pid) {
+		t.Errorf("attempts %+v do not name the blocker %d", attempts, pid)
+	}
+	db.assertServes(id, orders, shadow.CutOver, "green")
+	if got := db.get(id).CutOverAt; got == nil || !got.Equal(*cutOverAt) {
+		t.Errorf("cut_over_at moved from %v to %v: a finalize that did not happen restarted the soak clock", cutOverAt, got)
+	}
+	_, err = db.Runner.Rollback(ctx, id, shadow.CutoverOptions{LockTimeout: blockerLockTimeout, Deadline: 500 * time.Millisecond})
+	if !errors.Is(err, cutover.ErrDeadline) {
+		t.Fatalf("rollback against a lock held past the deadline: %v, want ErrDeadline", err)
+	}
+	db.assertServes(id, orders, shadow.CutOver, "green")
+	if got := db.get(id).CutOverAt; got == nil || !got.Equal(*cutOverAt) {
+		t.Errorf("cut_over_at moved from %v to %v: a rollback that did not happen restarted the soak clock", cutOverAt, got)
+	}
+	if _, err := blocker.Exec(ctx, "COMMIT"); err != nil {
+		t.Fatal(err)
+	}
+	if m, err := db.Runner.Rollback(ctx, id, shadow.CutoverOptions{}); err != nil || m.Phase != shadow.RolledBack {
+		t.Fatalf("rollback after a finalize that gave up: %v", err)
+	}
+	db.assertServes(id, orders, shadow.RolledBack, "blue")
+}
