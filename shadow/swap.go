@@ -426,9 +426,24 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 	if err != nil {
 		// A COMMIT without an answer: what the database holds decides.
 		var done bool
-		if !errors.Is(err, cutover.ErrAmbiguousCommit) ||
-			r.Pool.QueryRow(ctx, `SELECT to_regclass($1) IS NULL AND (SELECT relkind = 'r' FROM pg_class WHERE oid = to_regclass($2))`,
-				green.Quoted(), final.Quoted()).Scan(&done) != nil || !done {
+		var readErr error
+		if errors.Is(err, cutover.ErrAmbiguousCommit) {
+			readErr = r.Pool.QueryRow(ctx, `SELECT to_regclass($1) IS NULL AND (SELECT relkind = 'r' FROM pg_class WHERE oid = to_regclass($2))`,
+				green.Quoted(), final.Quoted()).Scan(&done)
+		}
+		if !done {
+			if readErr != nil { // unknown: stay finalizing, the next finalize finds out
+				return m, fmt.Errorf("finalize %s: %w; and whether it took effect could not be read: %v (run finalize again)", id, err, readErr)
+			}
+			// It did not happen: cut over as before, so that the operator
+			// may roll back as well as finalize again.
+			if serr := r.Store.SetPhase(ctx, r.Pool, id, []Phase{Finalizing}, CutOver, ""); serr != nil {
+				return m, fmt.Errorf("finalize %s: %w; and the phase could not be set back to cut_over: %v", id, err, serr)
+			}
+			m2, _ := r.Store.Get(ctx, r.Pool, id)
+			if m2 != nil {
+				m = m2
+			}
 			return m, fmt.Errorf("finalize %s: %w (the migration stays cut over; run finalize again)", id, err)
 		}
 		r.Log.Warn().Str("migration", id).Err(err).Msg("the finalize's commit had no answer, but it took effect")
