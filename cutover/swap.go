@@ -81,9 +81,9 @@ type SwapResult struct {
 }
 
 // Swap runs body in one transaction after taking the locks on relations, all
-// of them within LockTimeout. When a lock is not granted in time the transaction is
-// rolled back, the blockers are reported, and it retries with backoff and
-// jitter until the deadline. Lock wait is the time spent in the LOCK
+// of them within LockTimeout. When a lock is not granted in time the
+// transaction is rolled back, the blockers are reported, and it retries with
+// backoff and jitter until the deadline. Lock wait is the time spent in the LOCK
 // statements of the successful attempt; lock hold is from their end to the
 // end of COMMIT.
 func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName, body func(ctx context.Context, tx pgx.Tx) error, opts SwapOptions) (SwapResult, error) {

@@ -384,8 +384,11 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 			}
 			if h.cycle {
 				opts += " CYCLE"
-				if start > h.max || start < h.min { // wraps, as nextval would
-					start = map[bool]int64{true: h.min, false: h.max}[h.increment > 0]
+				// Past the end it wraps, as nextval would.
+				if h.increment > 0 && start > h.max {
+					start = h.min
+				} else if h.increment < 0 && start < h.min {
+					start = h.max
 				}
 			}
 			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s ADD GENERATED %s AS IDENTITY (%s START WITH %d)",
