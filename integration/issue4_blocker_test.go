@@ -371,10 +371,11 @@ func TestIssue4LockTimeoutBoundsAllLockWaits(t *testing.T) {
 	id := db.readyMigration("orders", issue4Alter)
 	ctx := context.Background()
 
-	tables := []string{"public.orders", "green.orders", "public.order_items", "public.order_notes"}
-	blockers := map[string]*pgx.Conn{}
+	m := db.get(id)
+	tables := []pgsql.QualifiedName{m.Table, m.State.Plan.Forward.Target, {Schema: "public", Name: "order_items"}, {Schema: "public", Name: "order_notes"}}
+	blockers := map[pgsql.QualifiedName]*pgx.Conn{}
 	for _, tbl := range tables {
-		blockers[tbl], _ = beginBlocker(db, "SELECT 1 FROM "+tbl+" LIMIT 1")
+		blockers[tbl], _ = beginBlocker(db, "SELECT 1 FROM "+tbl.Quoted()+" LIMIT 1")
 	}
 	p := startProbe(db)
 	res := make(chan cutoverResult, 1)
@@ -394,9 +395,9 @@ func TestIssue4LockTimeoutBoundsAllLockWaits(t *testing.T) {
 	threshold := blockerLockTimeout * 85 / 100
 	for released < len(tables) {
 		tbl := tables[released]
-		waitFor(t, "the swap to wait on "+tbl, 20*time.Second, func() bool {
+		waitFor(t, "the swap to wait on "+tbl.String(), 20*time.Second, func() bool {
 			return scalar[bool](db, `SELECT EXISTS (SELECT 1 FROM pg_locks WHERE NOT granted AND relation = $1::regclass
-				AND mode = 'AccessExclusiveLock' AND clock_timestamp() - waitstart >= $2::interval)`, tbl, threshold.String())
+				AND mode = 'AccessExclusiveLock' AND clock_timestamp() - waitstart >= $2::interval)`, tbl.Quoted(), threshold.String())
 		})
 		if _, err := blockers[tbl].Exec(ctx, "COMMIT"); err != nil {
 			t.Fatal(err)
