@@ -32,7 +32,8 @@ type probe struct {
 	mu      sync.Mutex
 	n       int
 	max     time.Duration
-	slow    int // queries that waited at least half the lock timeout
+	maxAt   time.Time // when the slowest query started
+	slow    int       // queries that waited at least half the lock timeout
 	errs    []error
 	stop    chan struct{}
 	done    chan struct{}
@@ -57,7 +58,9 @@ func startProbe(db *testDB) *probe {
 			d := time.Since(start)
 			p.mu.Lock()
 			p.n++
-			p.max = max(p.max, d)
+			if d > p.max {
+				p.max, p.maxAt = d, start
+			}
 			if d >= blockerLockTimeout/2 {
 				p.slow++
 			}
@@ -81,18 +84,29 @@ func (p *probe) count() int {
 }
 
 // finish stops the probe and checks THE invariant: no application query
-// waited longer than the lock timeout plus a small margin.
-func (p *probe) finish(t *testing.T) {
+// waited longer than the lock timeout plus the successful swap's measured
+// hold (hold; zero when no swap happened) plus a small margin.
+func (p *probe) finish(t *testing.T, hold time.Duration) {
 	t.Helper()
 	close(p.stop)
 	<-p.done
-	t.Logf("probe: %d queries, slowest %s, %d waited ≥ %s", p.n, p.max.Round(time.Microsecond), p.slow, blockerLockTimeout/2)
+	t.Logf("probe: %d queries, slowest %s (started %s), %d waited ≥ %s; swap hold %s",
+		p.n, p.max.Round(time.Microsecond), p.maxAt.Format("15:04:05.000"), p.slow, blockerLockTimeout/2, hold.Round(time.Microsecond))
 	if len(p.errs) > 0 {
 		t.Errorf("probe queries failed: %v", errors.Join(p.errs...))
 	}
-	if limit := blockerLockTimeout + probeMargin; p.max > limit {
-		t.Errorf("a probe query on public.orders was blocked %s, longer than the lock timeout %s + margin %s", p.max, blockerLockTimeout, probeMargin)
+	if limit := blockerLockTimeout + hold + probeMargin; p.max > limit {
+		t.Errorf("a probe query on public.orders was blocked %s, longer than the lock timeout %s + the swap's hold %s + margin %s", p.max, blockerLockTimeout, hold, probeMargin)
 	}
+}
+
+// lastHold is the lock hold of the migration's last successful swap.
+func (db *testDB) lastHold(id string) time.Duration {
+	db.t.Helper()
+	if lc := db.get(id).State.LastCutover; lc != nil {
+		return time.Duration(lc.LockHoldMS * float64(time.Millisecond))
+	}
+	return 0
 }
 
 // notBlamed checks that no attempt named the probe as a blocker: its short
@@ -180,7 +194,7 @@ func TestIssue4CutoverWaitsForBlocker(t *testing.T) {
 	case <-time.After(20 * time.Second):
 		t.Fatal("the cutover did not finish within 20s of the blocker's end")
 	}
-	p.finish(t)
+	p.finish(t, db.lastHold(id))
 	if r.err != nil {
 		t.Fatalf("cutover after the blocker ended: %v", r.err)
 	}
@@ -257,7 +271,7 @@ func TestIssue4CutoverGivesUpAtDeadline(t *testing.T) {
 		OnAttempt: func(a cutover.Attempt) { attempts = append(attempts, a) },
 	})
 	took := time.Since(start)
-	p.finish(t)
+	p.finish(t, 0)
 	if !errors.Is(err, cutover.ErrDeadline) {
 		t.Fatalf("cutover against a lock held past the deadline: err %v, want ErrDeadline", err)
 	}
@@ -317,7 +331,7 @@ func TestIssue4CutoverCancelsBlockers(t *testing.T) {
 		LockTimeout: blockerLockTimeout, Deadline: 20 * time.Second, CancelBlockersAfter: 150 * time.Millisecond,
 		OnAttempt: func(a cutover.Attempt) { attempts = append(attempts, a) },
 	})
-	p.finish(t)
+	p.finish(t, db.lastHold(id))
 	if err != nil {
 		t.Fatalf("cutover with --cancel-blockers-after: %v", err)
 	}
@@ -352,7 +366,12 @@ func TestIssue4CutoverCancelsBlockers(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Errorf("the busy blocker's statement was not canceled")
 	}
-	t.Logf("%d failed attempts before the blockers were gone", len(attempts))
+	for _, a := range attempts {
+		t.Logf("attempt %d at %s: waited %s; blockers %v", a.No, a.At.Format("15:04:05.000"), a.LockWait.Round(time.Millisecond), a.Blockers)
+	}
+	if lc := m.State.LastCutover; lc != nil {
+		t.Logf("%d failed attempts before the blockers were gone; the cutover's lock wait %.1f ms, hold %.1f ms", len(attempts), lc.LockWaitMS, lc.LockHoldMS)
+	}
 }
 
 // The lock timeout bounds the whole time the swap sits in lock queues, not
@@ -410,7 +429,7 @@ func TestIssue4LockTimeoutBoundsAllLockWaits(t *testing.T) {
 	case <-time.After(30 * time.Second):
 		t.Fatal("the cutover did not finish")
 	}
-	p.finish(t)
+	p.finish(t, db.lastHold(id))
 	if r.err != nil {
 		t.Fatalf("cutover: %v", r.err)
 	}
@@ -446,7 +465,7 @@ func TestIssue4FinalizeGivesUpAtDeadline(t *testing.T) {
 		LockTimeout: blockerLockTimeout, Deadline: time.Second,
 		OnAttempt: func(a cutover.Attempt) { attempts = append(attempts, a) },
 	})
-	p.finish(t)
+	p.finish(t, 0)
 	p.notBlamed(t, attempts)
 	if !errors.Is(err, cutover.ErrDeadline) {
 		t.Fatalf("finalize against a lock held past the deadline: %v, want ErrDeadline", err)
