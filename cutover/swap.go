@@ -5,9 +5,11 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
@@ -76,12 +78,15 @@ type SwapResult struct {
 	Attempts int           `json:"attempts"`
 	LockWait time.Duration `json:"lock_wait_ns"`
 	LockHold time.Duration `json:"lock_hold_ns"`
+	// queuedAt is the server's clock just before the attempt asked for its
+	// first lock (zero when it never got that far).
+	queuedAt time.Time
 }
 
-// Swap runs body in one transaction after taking the locks in lockSQL, each
-// under LockTimeout. When a lock is not granted in time the transaction is
-// rolled back, the blockers are reported, and it retries with backoff and
-// jitter until the deadline. Lock wait is the time spent in the LOCK
+// Swap runs body in one transaction after taking the locks on relations, all
+// of them within LockTimeout. When a lock is not granted in time the
+// transaction is rolled back, the blockers are reported, and it retries with
+// backoff and jitter until the deadline. Lock wait is the time spent in the LOCK
 // statements of the successful attempt; lock hold is from their end to the
 // end of COMMIT.
 func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName, body func(ctx context.Context, tx pgx.Tx) error, opts SwapOptions) (SwapResult, error) {
@@ -103,11 +108,21 @@ func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedNa
 		if err == nil {
 			return res, nil
 		}
-		if errors.Is(err, ErrAmbiguousCommit) || !(pgsql.IsRetryable(err) || (opts.Retryable != nil && opts.Retryable(err))) {
+		if errors.Is(err, ErrAmbiguousCommit) {
+			// A connection whose COMMIT had no answer is not to be trusted
+			// (nor handed to the next caller, who would find it dead when
+			// reading what the database serves): close it, and the pool
+			// drops it on release.
+			closeCtx, cancel := context.WithTimeout(context.WithoutCancel(ctx), time.Second)
+			_ = conn.Conn().Close(closeCtx)
+			cancel()
+			return res, err
+		}
+		if !(pgsql.IsRetryable(err) || (opts.Retryable != nil && opts.Retryable(err))) {
 			return res, err
 		}
 		a := Attempt{No: attempt, At: time.Now(), LockWait: res.LockWait, Err: pgsql.Describe(err)}
-		a.Blockers, _ = blockers(ctx, pool, relations)
+		a.Blockers, _ = blockers(ctx, pool, relations, res.queuedAt)
 		if opts.CancelBlockersAfter > 0 && time.Since(first) >= opts.CancelBlockersAfter {
 			cancelBlockers(ctx, pool, a.Blockers, opts.Log)
 		}
@@ -143,8 +158,19 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	if err := pgsql.SetLocalLockTimeout(ctx, tx, opts.LockTimeout); err != nil {
 		return res, err
 	}
+	if err := tx.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&res.queuedAt); err != nil {
+		return res, err
+	}
 	lockStart := time.Now()
-	for _, rel := range relations {
+	for i, rel := range relations {
+		// One budget for all the LOCKs: while waiting for a later relation
+		// the swap already holds the earlier ones, and the application
+		// queues behind it. (What is left also bounds the body's own locks.)
+		if i > 0 {
+			if err := pgsql.SetLocalLockTimeout(ctx, tx, opts.LockTimeout-time.Since(lockStart)); err != nil {
+				return res, err
+			}
+		}
 		if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 			res.LockWait = time.Since(lockStart)
 			return res, fmt.Errorf("lock %s: %w", rel, err)
@@ -161,7 +187,7 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 		}
 	}
 	if err := tx.Commit(ctx); err != nil {
-		if pgsql.Code(err) == "" { // no answer from the server: outcome unknown
+		if connectionLost(err) { // no answer to the COMMIT itself: outcome unknown
 			return res, fmt.Errorf("%w: %v", ErrAmbiguousCommit, err)
 		}
 		return res, err
@@ -170,8 +196,25 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	return res, nil
 }
 
-// blockers lists the sessions holding locks on the relations.
-func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName) ([]Blocker, error) {
+// connectionLost reports an error that ends the session rather than
+// answering the statement: no SQLSTATE at all (I/O error, closed
+// connection), a FATAL or PANIC (e.g. 57P01, the backend was terminated:
+// it may come after the commit took effect), or a connection exception
+// (class 08).
+func connectionLost(err error) bool {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return true
+	}
+	return pgErr.Severity == "FATAL" || pgErr.Severity == "PANIC" || strings.HasPrefix(pgErr.Code, "08")
+}
+
+// blockers lists the sessions holding locks on the relations whose
+// transaction began before the attempt queued for its lock (queuedAt, the
+// server's clock). Sessions whose transaction began later only queued behind
+// the swap and took their lock when it gave up: they are the application
+// waiting, not blockers, and must be neither reported nor canceled.
+func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedName, queuedAt time.Time) ([]Blocker, error) {
 	names := make([]string, len(relations))
 	for i, r := range relations {
 		names[i] = r.Quoted()
@@ -180,7 +223,8 @@ func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.Qualifi
 		SELECT DISTINCT a.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), a.xact_start, coalesce(a.query, '')
 		  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 		 WHERE l.granted AND l.relation = ANY(SELECT to_regclass(n)::oid FROM unnest($1::text[]) n) AND a.pid <> pg_backend_pid()
-		 ORDER BY a.pid`, names)
+		   AND ($2::timestamptz IS NULL OR a.xact_start < $2)
+		 ORDER BY a.pid`, names, nullTime(queuedAt))
 	if err != nil {
 		return nil, err
 	}
@@ -205,6 +249,13 @@ func cancelBlockers(ctx context.Context, pool *pgxpool.Pool, bs []Blocker, log z
 			log.Warn().Int32("pid", b.PID).Str("how", fn).Str("blocker", b.String()).Msg("canceled a session blocking the swap, as the operator allowed")
 		}
 	}
+}
+
+func nullTime(t time.Time) *time.Time {
+	if t.IsZero() {
+		return nil
+	}
+	return &t
 }
 
 func oneLine(s string, n int) string {

@@ -268,6 +268,10 @@ func buildMappings(req Request, blue, green *pgmeta.Table, using map[string]stri
 				blue.QName(), ErrNoReverseMapping, pgsql.Ident(bc.Name), bc.Name)
 		}
 		rev.Columns = append(rev.Columns, rowmap.Column{Target: bc.Name, TargetType: bc.Type, Expr: expr, Source: source})
+		if bc.Identity == "a" {
+			// Blue's GENERATED ALWAYS identity column receives green's values.
+			rev.OverridingSystemValue = true
+		}
 	}
 	for _, k := range blue.Key {
 		for _, c := range rev.Columns {

@@ -183,7 +183,7 @@ func (s *Store) SetPhase(ctx context.Context, q pgsql.Querier, id string, from [
 	}
 	var prev string
 	err := q.QueryRow(ctx, `UPDATE `+s.Cat.T("migrations")+` m SET phase = $2, error = nullif($3, ''), updated_at = now(), phase_changed_at = now(),
-			cut_over_at = CASE WHEN $2 = 'cut_over' THEN now() ELSE cut_over_at END
+			cut_over_at = CASE WHEN $2 = 'cut_over' AND m.phase = 'cutting_over' THEN now() ELSE cut_over_at END
 		WHERE id = $1 AND phase = ANY($4)
 		RETURNING (SELECT phase FROM `+s.Cat.T("migrations")+` WHERE id = $1)`, id, string(to), errMsg, fromS).Scan(&prev)
 	if errors.Is(err, pgx.ErrNoRows) {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 	"time"
 
@@ -196,7 +197,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		stmts := fwd.DropTriggersSQL()
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", m.Table.Quoted(), pgsql.Ident(parked.Name)))
 		stmts = append(stmts, viewSQL(m.Table, p.Green, p.Blue)...)
-		stmts = append(stmts, greenAccessSQL(p.Blue, green)...)
+		stmts = append(stmts, greenAccessSQL(p.Blue, p.Green)...)
 		stmts = append(stmts, userTriggersToGreen(p.Blue, parked, green)...)
 		stmts = append(stmts, rev.CreateSQL()...)
 		for _, fk := range p.Blue.InboundFKs {
@@ -293,6 +294,11 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 	if err != nil {
 		return nil, err
 	}
+	if m.Phase == RolledBack && m.State.Serving != "green" {
+		// Already done (a retried rollback whose answer was lost, say): a
+		// repeat must neither swap again nor tear the migration down.
+		return m, fmt.Errorf("migration %s is already rolled back (blue serves); cut over again or abort: %w", id, ErrWrongPhase)
+	}
 	if m.State.Serving != "green" && m.Phase != CuttingOver && m.Phase != RollingBack && m.Phase != CutOver {
 		if err := r.Abort(ctx, id, "rolled back before the cutover (same as abort)"); err != nil {
 			return m, err
@@ -383,9 +389,33 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 				var c pgmeta.Column
 				c, _ = p.Blue.Column(s.Column)
 				h.always = c.Identity == "a"
-				if err := tx.QueryRow(ctx, `SELECT coalesce(pg_sequence_last_value($1::regclass), s.seqstart - s.seqincrement), s.seqincrement
-					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).Scan(&h.last, &h.increment); err != nil {
+				// Its value, options and grants: the sequence is dropped with
+				// blue and made anew by ADD GENERATED below. Bounds at their
+				// defaults for the old type are left to default for the
+				// column's type (as ALTER COLUMN TYPE does for identity).
+				var typMin, typMax int64
+				if err := tx.QueryRow(ctx, `SELECT coalesce(pg_sequence_last_value($1::regclass), s.seqstart - s.seqincrement), s.seqincrement,
+					s.seqmin, s.seqmax, s.seqcache, s.seqcycle,
+					CASE s.seqtypid WHEN 'int2'::regtype THEN -32768 WHEN 'int4'::regtype THEN -2147483648 ELSE -9223372036854775808 END,
+					CASE s.seqtypid WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647 ELSE 9223372036854775807 END
+					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).
+					Scan(&h.last, &h.increment, &h.min, &h.max, &h.cache, &h.cycle, &typMin, &typMax); err != nil {
 					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
+				rows, err := tx.Query(ctx, `SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
+					FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1::regclass AND a.grantee <> c.relowner ORDER BY 1, 2`, seq.Quoted())
+				if err != nil {
+					return fmt.Errorf("read the grants on %s: %w", seq, err)
+				}
+				if h.grants, err = pgx.CollectRows(rows, func(r pgx.CollectableRow) (pgmeta.Grant, error) {
+					var g pgmeta.Grant
+					return g, r.Scan(&g.Grantee, &g.Privilege, &g.Grantable)
+				}); err != nil {
+					return fmt.Errorf("read the grants on %s: %w", seq, err)
+				}
+				h.defaultMin, h.defaultMax = h.min == 1, h.max == typMax
+				if h.increment < 0 {
+					h.defaultMin, h.defaultMax = h.min == typMin, h.max == -1
 				}
 				identities = append(identities, h)
 				stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s DROP DEFAULT", green.Quoted(), pgsql.Ident(s.Column)))
@@ -405,8 +435,37 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 			if h.always {
 				mode = "ALWAYS"
 			}
-			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s ADD GENERATED %s AS IDENTITY (SEQUENCE NAME %s INCREMENT BY %d START WITH %d)",
-				final.Quoted(), pgsql.Ident(h.seq.Column), mode, pgsql.QualifiedName{Schema: h.seq.Schema, Name: h.seq.Name}.Quoted(), h.increment, h.last+h.increment))
+			seq := pgsql.QualifiedName{Schema: h.seq.Schema, Name: h.seq.Name}.Quoted()
+			start := h.last + h.increment
+			opts := fmt.Sprintf("SEQUENCE NAME %s INCREMENT BY %d CACHE %d", seq, h.increment, h.cache)
+			if !h.defaultMin {
+				opts += fmt.Sprintf(" MINVALUE %d", h.min)
+			}
+			if !h.defaultMax {
+				opts += fmt.Sprintf(" MAXVALUE %d", h.max)
+			}
+			if h.cycle {
+				opts += " CYCLE"
+				// Past the end it wraps, as nextval would.
+				if h.increment > 0 && start > h.max {
+					start = h.min
+				} else if h.increment < 0 && start < h.min {
+					start = h.max
+				}
+			}
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ALTER COLUMN %s ADD GENERATED %s AS IDENTITY (%s START WITH %d)",
+				final.Quoted(), pgsql.Ident(h.seq.Column), mode, opts, start))
+			for _, g := range h.grants {
+				grantee := "PUBLIC"
+				if g.Grantee != "PUBLIC" {
+					grantee = pgsql.Ident(g.Grantee)
+				}
+				grant := fmt.Sprintf("GRANT %s ON SEQUENCE %s TO %s", g.Privilege, seq, grantee)
+				if g.Grantable {
+					grant += " WITH GRANT OPTION"
+				}
+				stmts = append(stmts, grant)
+			}
 		}
 		if p.Blue.Comment != "" {
 			stmts = append(stmts, fmt.Sprintf("COMMENT ON TABLE %s IS %s", final.Quoted(), pgsql.Literal(p.Blue.Comment)))
@@ -438,10 +497,32 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 		}
 		return nil
 	}, opts.swapOptions(r, id))
-	if err != nil {
-		return m, fmt.Errorf("finalize %s: %w (the migration stays cut over; run finalize again)", id, err)
-	}
 	ctx = context.WithoutCancel(ctx)
+	if err != nil {
+		// A COMMIT without an answer: what the database holds decides.
+		var done bool
+		var readErr error
+		if errors.Is(err, cutover.ErrAmbiguousCommit) {
+			readErr = r.Pool.QueryRow(ctx, `SELECT to_regclass($1) IS NULL AND (SELECT relkind = 'r' FROM pg_class WHERE oid = to_regclass($2))`,
+				green.Quoted(), final.Quoted()).Scan(&done)
+		}
+		if !done {
+			if readErr != nil { // unknown: stay finalizing, the next finalize finds out
+				return m, fmt.Errorf("finalize %s: %w; and whether it took effect could not be read: %v (run finalize again)", id, err, readErr)
+			}
+			// It did not happen: cut over as before, so that the operator
+			// may roll back as well as finalize again.
+			if serr := r.Store.SetPhase(ctx, r.Pool, id, []Phase{Finalizing}, CutOver, ""); serr != nil {
+				return m, fmt.Errorf("finalize %s: %w; and the phase could not be set back to cut_over: %v", id, err, serr)
+			}
+			m2, _ := r.Store.Get(ctx, r.Pool, id)
+			if m2 != nil {
+				m = m2
+			}
+			return m, fmt.Errorf("finalize %s: %w (the migration stays cut over; run finalize again)", id, err)
+		}
+		r.Log.Warn().Str("migration", id).Err(err).Msg("the finalize's commit had no answer, but it took effect")
+	}
 	if err := r.dropGreenSchemaIfEmpty(ctx, m); err != nil {
 		r.Log.Warn().Err(err).Msg("could not drop the green schema")
 	}
@@ -459,10 +540,13 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 }
 
 type identityHandover struct {
-	seq       pgmeta.Sequence
-	always    bool
-	last      int64
-	increment int64
+	seq                    pgmeta.Sequence
+	always                 bool
+	last, increment        int64
+	min, max, cache        int64
+	cycle                  bool
+	defaultMin, defaultMax bool
+	grants                 []pgmeta.Grant
 }
 
 // viewSQL creates public.<table> as a view over green: green's columns in
@@ -474,28 +558,47 @@ func viewSQL(name pgsql.QualifiedName, green, blue *pgmeta.Table) []string {
 	for i, c := range green.Columns {
 		cols[i] = pgsql.Ident(c.Name)
 	}
-	stmts := []string{fmt.Sprintf("CREATE VIEW %s WITH (security_invoker = true) AS SELECT %s FROM %s",
-		name.Quoted(), strings.Join(cols, ", "), green.QName().Quoted())}
+	// An invoker's-rights view makes PostgreSQL check the caller's rights on
+	// every column of green the view reads, which a role with column-level
+	// grants only does not have. Without RLS to apply, an owner's-rights view
+	// is equivalent (the caller's rights are checked on the view, which has
+	// blue's grants, columns included); with RLS the invoker's view is needed
+	// and column-only grantees cannot read through it (a PostgreSQL limit).
+	with := " WITH (security_invoker = true)"
+	if !blue.RLS && slices.ContainsFunc(blue.Grants, func(g pgmeta.Grant) bool { return g.Column != "" }) {
+		with = ""
+	}
+	stmts := []string{fmt.Sprintf("CREATE VIEW %s%s AS SELECT %s FROM %s",
+		name.Quoted(), with, strings.Join(cols, ", "), green.QName().Quoted())}
 	for _, c := range green.Columns {
 		if c.Default != "" && !c.Generated {
 			stmts = append(stmts, fmt.Sprintf("ALTER VIEW %s ALTER COLUMN %s SET DEFAULT %s", name.Quoted(), pgsql.Ident(c.Name), c.Default))
 		}
 	}
-	stmts = append(stmts, grantSQL(blue.Grants, name)...)
+	stmts = append(stmts, grantSQL(blue.Grants, name, green)...)
 	if blue.Comment != "" {
 		stmts = append(stmts, fmt.Sprintf("COMMENT ON VIEW %s IS %s", name.Quoted(), pgsql.Literal(blue.Comment)))
 	}
 	return stmts
 }
 
-func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName) []string {
+// grantSQL re-applies grants on a relation with cols' columns; a column
+// privilege on a column it does not have (dropped by the ALTER) is left out.
+func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName, cols *pgmeta.Table) []string {
 	var stmts []string
 	for _, g := range grants {
 		grantee := "PUBLIC"
 		if g.Grantee != "PUBLIC" {
 			grantee = pgsql.Ident(g.Grantee)
 		}
-		s := fmt.Sprintf("GRANT %s ON %s TO %s", g.Privilege, on.Quoted(), grantee)
+		priv := g.Privilege
+		if g.Column != "" {
+			if _, ok := cols.Column(g.Column); !ok {
+				continue
+			}
+			priv += " (" + pgsql.Ident(g.Column) + ")"
+		}
+		s := fmt.Sprintf("GRANT %s ON %s TO %s", priv, on.Quoted(), grantee)
 		if g.Grantable {
 			s += " WITH GRANT OPTION"
 		}
@@ -506,8 +609,9 @@ func grantSQL(grants []pgmeta.Grant, on pgsql.QualifiedName) []string {
 
 // greenAccessSQL gives green what the invoker-rights view needs: blue's
 // grants (and USAGE on green's schema) and blue's row-level security.
-func greenAccessSQL(blue *pgmeta.Table, green pgsql.QualifiedName) []string {
-	stmts := grantSQL(blue.Grants, green)
+func greenAccessSQL(blue, greenT *pgmeta.Table) []string {
+	green := greenT.QName()
+	stmts := grantSQL(blue.Grants, green, greenT)
 	seen := map[string]bool{}
 	for _, g := range blue.Grants {
 		if !seen[g.Grantee] {

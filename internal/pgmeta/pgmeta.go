@@ -138,11 +138,12 @@ type Table struct {
 	TotalBytes   int64    `json:"total_bytes"`
 }
 
-// Grant is one privilege on the table.
+// Grant is one privilege on the table, or on one of its columns.
 type Grant struct {
 	Grantee   string `json:"grantee"` // "PUBLIC" or a role name
 	Privilege string `json:"privilege"`
 	Grantable bool   `json:"grantable,omitempty"`
+	Column    string `json:"column,omitempty"` // a column privilege (attacl); "" for the table
 }
 
 // Name returns the table's qualified name.
@@ -369,12 +370,16 @@ func (t *Table) loadPolicies(ctx context.Context, q pgsql.Querier) error {
 
 func (t *Table) loadGrants(ctx context.Context, q pgsql.Querier) error {
 	out, err := collect(ctx, q, `
-		SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
+		SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable, ''
 		  FROM pg_class c, aclexplode(c.relacl) a
 		 WHERE c.oid = $1 AND a.grantee <> c.relowner
-		 ORDER BY 1, 2`, t.OID, func(r pgx.CollectableRow) (Grant, error) {
+		 UNION ALL
+		SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable, att.attname
+		  FROM pg_class c JOIN pg_attribute att ON att.attrelid = c.oid AND att.attnum > 0 AND NOT att.attisdropped, aclexplode(att.attacl) a
+		 WHERE c.oid = $1 AND a.grantee <> c.relowner
+		 ORDER BY 1, 2, 4`, t.OID, func(r pgx.CollectableRow) (Grant, error) {
 		var g Grant
-		err := r.Scan(&g.Grantee, &g.Privilege, &g.Grantable)
+		err := r.Scan(&g.Grantee, &g.Privilege, &g.Grantable, &g.Column)
 		return g, err
 	})
 	t.Grants = out

@@ -38,6 +38,9 @@ type Mapping struct {
 	Match []Column `json:"match"`
 	// ConflictKey is the target's unique key used for upserts.
 	ConflictKey []string `json:"conflict_key"`
+	// OverridingSystemValue is set when a mapped target column is GENERATED
+	// ALWAYS AS IDENTITY: the row's own value must be written, not a new one.
+	OverridingSystemValue bool `json:"overriding_system_value,omitempty"`
 }
 
 // TargetColumnList is "(c1, c2, ...)" of the mapped target columns.
@@ -60,8 +63,12 @@ func (m Mapping) SelectList() string {
 
 // InsertSelect renders INSERT INTO target (...) SELECT <mapping> FROM <from> AS alias.
 func (m Mapping) InsertSelect(from string) string {
-	return fmt.Sprintf("INSERT INTO %s %s SELECT %s FROM %s AS %s",
-		m.Target.Quoted(), m.TargetColumnList(), m.SelectList(), from, pgsql.Ident(m.Alias))
+	overriding := ""
+	if m.OverridingSystemValue {
+		overriding = " OVERRIDING SYSTEM VALUE"
+	}
+	return fmt.Sprintf("INSERT INTO %s %s%s SELECT %s FROM %s AS %s",
+		m.Target.Quoted(), m.TargetColumnList(), overriding, m.SelectList(), from, pgsql.Ident(m.Alias))
 }
 
 // OnConflictDoNothing renders the copy's conflict clause: a row already in the
