@@ -336,14 +336,17 @@ func (c *Copier) batchSQL(r Range) string {
 	return fmt.Sprintf(`WITH ids AS MATERIALIZED (
   SELECT %[1]s FROM ONLY %[2]s AS b WHERE %[3]s ORDER BY %[1]s LIMIT $%[4]d
 ), src AS MATERIALIZED (
-  SELECT * FROM ONLY %[2]s AS b WHERE %[3]s AND %[5]s <= (SELECT %[1]s FROM ids ORDER BY %[7]s LIMIT 1)
+  SELECT * FROM ONLY %[2]s AS b WHERE %[3]s AND %[5]s <= (SELECT %[10]s FROM ids ORDER BY %[7]s LIMIT 1)
    ORDER BY %[1]s%[9]s
 ), ins AS (
   %[6]s RETURNING 1
 )
 SELECT (SELECT count(*) FROM ids), (SELECT count(*) FROM ins), (SELECT ARRAY[%[8]s] FROM ids ORDER BY %[7]s LIMIT 1)`,
 		cols, m.Source.Quoted(), strings.Join(where, " AND "), n+1, keyList,
-		m.InsertSelect("src")+" "+m.OnConflictDoNothing(), strings.Join(desc, ", "), strings.Join(lastArr, ", "), lock)
+		m.InsertSelect("src")+" "+m.OnConflictDoNothing(), strings.Join(desc, ", "), strings.Join(lastArr, ", "), lock,
+		// ids' own columns, unqualified: "b".k inside that subquery would be
+		// the outer row's key, and the bound would hold for every row.
+		strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList(""), "("), ")"))
 }
 
 func (c *Copier) batchArgs(r Range, size int) []any {

@@ -1,0 +1,25 @@
+package backfill
+
+import (
+	"strings"
+	"testing"
+
+	"github.com/shadowctl/shadowctl/internal/pgsql"
+	"github.com/shadowctl/shadowctl/internal/rowmap"
+)
+
+// The batch's upper bound must read ids' own key column: written as the
+// outer alias's column it would compare each row with itself, and a batch
+// would copy the rest of its range (the bug that made logical copies fail
+// with serialization errors).
+func TestBatchSQLBoundsSourceRowsByIDs(t *testing.T) {
+	c := &Copier{Mapping: rowmap.Mapping{
+		Source: pgsql.QualifiedName{Schema: "public", Name: "orders"}, Target: pgsql.QualifiedName{Schema: "green", Name: "orders"},
+		Alias: "orders", SourceKey: []string{"id"}, SourceKeyTypes: []string{"integer"}, ConflictKey: []string{"id"},
+		Columns: []rowmap.Column{{Target: "id", TargetType: "bigint", Expr: `"orders"."id"`}},
+	}}
+	sql := c.batchSQL(Range{})
+	if !strings.Contains(sql, `<= (SELECT "id" FROM ids ORDER BY "id" DESC LIMIT 1)`) {
+		t.Fatalf("the batch does not bound its rows by the last id it read:\n%s", sql)
+	}
+}
