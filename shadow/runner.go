@@ -348,7 +348,7 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 		if cur.Phase != Copying || cur.Paused {
 			return fmt.Errorf("migration %s is now %s (paused=%v): %w", m.ID, cur.Phase, cur.Paused, ErrStopped)
 		}
-		return nil
+		return r.gateLive(ctx, cur, c)
 	}
 	if r.Progress != nil {
 		c.Progress = func(n int64) { r.Progress(m.ID, n) }

@@ -27,6 +27,29 @@ type Status struct {
 	PhaseSince    time.Time       `json:"phase_since"`
 	CutOverAt     *time.Time      `json:"cut_over_at"`
 	Alter         string          `json:"alter"`
+
+	// Added for the daemon (issue 5).
+
+	// Throttled says why the copy waits (null when it does not).
+	Throttled *string `json:"throttled"`
+	// Driver is the daemon that drives (or last drove) the migration.
+	Driver           *DriverInfo   `json:"driver"`
+	BatchSize        int           `json:"batch_size"`
+	MaxRowsPerSecond int           `json:"max_rows_per_second"`
+	Workers          int           `json:"workers"`
+	SyncLagSeconds   float64       `json:"sync_lag_seconds"`
+	CutoverPolicy    string        `json:"cutover_policy"`
+	CutoverHeld      bool          `json:"cutover_held"`
+	CutoverWindow    *string       `json:"cutover_window"`
+	NextWindow       *WindowStatus `json:"next_window"`
+	AutoRollback     bool          `json:"auto_rollback"`
+}
+
+// WindowStatus is the current or next cutover window.
+type WindowStatus struct {
+	Start time.Time `json:"start"`
+	End   time.Time `json:"end"`
+	Open  bool      `json:"open"`
 }
 
 // StatusOf summarises a migration for people and programs.
@@ -37,6 +60,7 @@ func StatusOf(m *Migration, now time.Time) Status {
 		Verify: m.Verify, LastCutover: m.State.LastCutover, Error: m.Error, CreatedAt: m.CreatedAt,
 		PhaseSince: m.PhaseChangedAt, CutOverAt: m.CutOverAt, Alter: m.Request.Alter,
 	}
+	s.addDaemon(m, now)
 	if s.Serving == "" {
 		s.Serving = "blue"
 	}

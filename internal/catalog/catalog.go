@@ -103,6 +103,12 @@ func (c Catalog) steps() []string {
 			created_at    timestamptz NOT NULL DEFAULT now(),
 			updated_at    timestamptz NOT NULL DEFAULT now()
 		);`,
+		// 3 (daemon control plane): which daemon drives a migration, why its
+		// copy is throttled, and whether an automatic cutover is held back.
+		`ALTER TABLE ` + s + `.migrations
+			ADD COLUMN driver       jsonb,
+			ADD COLUMN throttled    text,
+			ADD COLUMN cutover_held boolean NOT NULL DEFAULT false;`,
 	}
 }
 
