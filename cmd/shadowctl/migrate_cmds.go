@@ -89,7 +89,7 @@ func startCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "start",
 		Usage: "submit a blue-green migration and drive it until --until (default ready)",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "table", Usage: "the table to change: schema.table or table"},
 			&cli.StringFlag{Name: "alter", Usage: "the sub-commands that follow ALTER TABLE <table>, applied to green"},
 			&cli.StringSliceFlag{Name: "map", Usage: "green column = SQL over blue's columns (repeatable)"},
@@ -106,7 +106,7 @@ func startCommand() *cli.Command {
 			&cli.BoolFlag{Name: "detach", Usage: "only record the migration for the daemon (same as --until pending)"},
 			&cli.StringFlag{Name: "name", Usage: "migration ID (default: <table>-<time>-<random>)"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no live progress line"},
-		},
+		}, daemonRequestFlags()...),
 		Action: func(c *cli.Context) error {
 			req, err := requestFromFlags(c)
 			if err != nil {
@@ -187,6 +187,9 @@ func requestFromFlags(c *cli.Context) (shadow.Request, error) {
 		}
 		req.ReverseMap = m
 	}
+	if err := applyDaemonFlags(c, &req); err != nil {
+		return req, err
+	}
 	return req, req.Normalize()
 }
 
@@ -242,48 +245,56 @@ func statusCommand() *cli.Command {
 		Name:      "status",
 		Usage:     "show a migration (or all active ones)",
 		ArgsUsage: "[ID]",
-		Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "the documented JSON schema (docs/status.md)"}},
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "the documented JSON schema (docs/status.md)"},
+			&cli.BoolFlag{Name: "watch", Usage: "redraw every second until interrupted"}},
 		Action: func(c *cli.Context) error {
 			return withRunner(c, func(r *shadow.Runner) error {
-				var ms []*shadow.Migration
-				if c.NArg() > 0 {
-					m, err := r.Store.Get(c.Context, r.Pool, c.Args().First())
-					if err != nil {
-						return err
-					}
-					ms = append(ms, m)
-				} else {
-					all, err := r.Store.List(c.Context)
-					if err != nil {
-						return err
-					}
-					for _, m := range all {
-						if !m.Phase.Terminal() {
-							ms = append(ms, m)
-						}
-					}
+				if c.Bool("watch") {
+					return watch(c, func() error { return statusOnce(c, r) })
 				}
-				now := time.Now()
-				if c.Bool("json") {
-					if c.NArg() > 0 {
-						return json.NewEncoder(c.App.Writer).Encode(shadow.StatusOf(ms[0], now))
-					}
-					out := []shadow.Status{}
-					for _, m := range ms {
-						out = append(out, shadow.StatusOf(m, now))
-					}
-					return json.NewEncoder(c.App.Writer).Encode(out)
-				}
-				if len(ms) == 0 {
-					fmt.Fprintln(c.App.Writer, "no active migrations")
-				}
-				for _, m := range ms {
-					printStatus(c.App.Writer, shadow.StatusOf(m, now))
-				}
-				return nil
+				return statusOnce(c, r)
 			})
 		},
 	}
+}
+
+func statusOnce(c *cli.Context, r *shadow.Runner) error {
+	var ms []*shadow.Migration
+	if c.NArg() > 0 {
+		m, err := r.Store.Get(c.Context, r.Pool, c.Args().First())
+		if err != nil {
+			return err
+		}
+		ms = append(ms, m)
+	} else {
+		all, err := r.Store.List(c.Context)
+		if err != nil {
+			return err
+		}
+		for _, m := range all {
+			if !m.Phase.Terminal() {
+				ms = append(ms, m)
+			}
+		}
+	}
+	now := time.Now()
+	if c.Bool("json") {
+		if c.NArg() > 0 {
+			return json.NewEncoder(c.App.Writer).Encode(shadow.StatusOf(ms[0], now))
+		}
+		out := []shadow.Status{}
+		for _, m := range ms {
+			out = append(out, shadow.StatusOf(m, now))
+		}
+		return json.NewEncoder(c.App.Writer).Encode(out)
+	}
+	if len(ms) == 0 {
+		fmt.Fprintln(c.App.Writer, "no active migrations")
+	}
+	for _, m := range ms {
+		printStatus(c.App.Writer, shadow.StatusOf(m, now))
+	}
+	return nil
 }
 
 func printStatus(w io.Writer, s shadow.Status) {
@@ -309,6 +320,7 @@ func printStatus(w io.Writer, s shadow.Status) {
 	if s.Error != "" {
 		fmt.Fprintf(w, "  error:     %s\n", s.Error)
 	}
+	printDaemonStatus(w, s)
 }
 
 func oneLine(s string, n int) string {

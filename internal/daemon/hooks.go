@@ -1,0 +1,132 @@
+package daemon
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/shadowctl/shadowctl/shadow"
+)
+
+// hookEventsOf maps a phase change (the "to" phase, and for ready the
+// verification that led there) to the hook events it fires, in order.
+func hookEventsOf(from, to string) []string {
+	switch shadow.Phase(to) {
+	case shadow.Preparing:
+		if from == string(shadow.Pending) {
+			return []string{"started"}
+		}
+	case shadow.Verifying:
+		return []string{"copy-done"}
+	case shadow.Ready:
+		if from == string(shadow.Verifying) {
+			return []string{"verified", "ready"}
+		}
+		return []string{"ready"}
+	case shadow.CutOver:
+		if from == string(shadow.CuttingOver) {
+			return []string{"cut-over"}
+		}
+	case shadow.RolledBack:
+		return []string{"rolled-back"}
+	case shadow.Finalized:
+		return []string{"finalized"}
+	case shadow.Failed:
+		return []string{"failed"}
+	}
+	return nil
+}
+
+// fireHooks runs the hooks of the phase changes recorded after event id
+// cursor (the changes this daemon just made), in order.
+func (d *Daemon) fireHooks(ctx context.Context, id string, cursor int64) {
+	m, err := d.r.Store.Get(ctx, d.r.Pool, id)
+	if err != nil || len(m.Request.Hooks) == 0 {
+		return
+	}
+	evs, err := d.r.Store.EventsSince(ctx, id, cursor)
+	if err != nil {
+		d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not read events")
+		return
+	}
+	for _, e := range evs {
+		if e.Kind != "phase" {
+			continue
+		}
+		var ch struct{ From, To string }
+		if json.Unmarshal(e.Data, &ch) != nil {
+			continue
+		}
+		for _, ev := range hookEventsOf(ch.From, ch.To) {
+			mm := *m
+			mm.Phase = shadow.Phase(ch.To)
+			if code, out, err := d.runHook(ctx, &mm, ev); err != nil || code != 0 {
+				d.log.Warn().Err(err).Int("exit_code", code).Str("hook", ev).Str("output", out).Str("migration", id).Msg("hook failed")
+			}
+		}
+	}
+}
+
+// HookEnv is the environment a hook command gets (besides the daemon's).
+func HookEnv(m *shadow.Migration, event string) []string {
+	return []string{
+		"SHADOWCTL_MIGRATION_ID=" + m.ID,
+		"SHADOWCTL_TABLE=" + m.Table.String(),
+		"SHADOWCTL_PHASE=" + string(m.Phase),
+		"SHADOWCTL_EVENT=" + event,
+		"SHADOWCTL_ROWS_COPIED=" + strconv.FormatInt(m.RowsCopied, 10),
+		"SHADOWCTL_ROWS_ESTIMATED=" + strconv.FormatInt(m.RowsEstimated, 10),
+		"SHADOWCTL_ERROR=" + m.Error,
+	}
+}
+
+// runHook runs the migration's hook for event, if any, with `sh -c`, and
+// records it in the audit log. It returns the exit code and the output's
+// last line.
+func (d *Daemon) runHook(ctx context.Context, m *shadow.Migration, event string) (int, string, error) {
+	cmdline := m.Request.Hooks[event]
+	if cmdline == "" {
+		return 0, "", nil
+	}
+	hctx, cancel := context.WithTimeout(ctx, d.cfg.HookTimeout)
+	defer cancel()
+	cmd := exec.CommandContext(hctx, "/bin/sh", "-c", cmdline)
+	cmd.Env = append(os.Environ(), HookEnv(m, event)...)
+	cmd.WaitDelay = 5 * time.Second
+	var out bytes.Buffer
+	cmd.Stdout, cmd.Stderr = &out, &out
+	start := time.Now()
+	err := cmd.Run()
+	code := 0
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		code, err = ee.ExitCode(), nil
+	} else if err != nil {
+		code = -1
+		err = fmt.Errorf("hook %s: %w", event, err)
+	}
+	last := lastLine(out.String())
+	d.metrics.hooks.WithLabelValues(event, strconv.FormatBool(code == 0 && err == nil)).Inc()
+	_ = d.r.Store.EventBy(context.WithoutCancel(ctx), d.r.Pool, m.ID, d.cfg.Identity, "hook",
+		fmt.Sprintf("hook %s exited %d after %s", event, code, time.Since(start).Round(time.Millisecond)),
+		map[string]any{"event": event, "exit_code": code, "output": last})
+	return code, last, err
+}
+
+func lastLine(s string) string {
+	s = strings.TrimSpace(s)
+	if i := strings.LastIndexByte(s, '\n'); i >= 0 {
+		s = s[i+1:]
+	}
+	if len(s) > 200 {
+		s = s[:200]
+	}
+	return s
+}
