@@ -2,6 +2,7 @@ package shadow
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"time"
 
@@ -94,3 +95,28 @@ func (r *Runner) throttleReason(ctx context.Context, m *Migration) (string, erro
 	}
 	return "", nil
 }
+
+// lockGreenSchemaName takes a transaction-level advisory lock on the green
+// schema's name, without queueing (try, back off, try again), so concurrent
+// prepares do not race to create it.
+func lockGreenSchemaName(ctx context.Context, tx pgx.Tx, schema string) error {
+	for attempt := 0; ; attempt++ {
+		var got bool
+		if err := tx.QueryRow(ctx, `SELECT pg_try_advisory_xact_lock(hashtextextended('shadowctl.green-schema:' || $1, 0))`, schema).Scan(&got); err != nil {
+			return fmt.Errorf("lock green schema name %s: %w", schema, err)
+		}
+		if got {
+			return nil
+		}
+		if attempt >= 200 {
+			return fmt.Errorf("lock green schema name %s: %w", schema, ErrGreenSchemaBusy)
+		}
+		if err := backfill.Backoff(ctx, attempt, 10*time.Millisecond, 500*time.Millisecond); err != nil {
+			return err
+		}
+	}
+}
+
+// ErrGreenSchemaBusy means another migration kept building in the same green
+// schema for too long.
+var ErrGreenSchemaBusy = errors.New("another migration is creating its green table in this schema")
