@@ -1,0 +1,104 @@
+package integration
+
+import (
+	"context"
+	"encoding/json"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/shadowctl/shadowctl/internal/daemon"
+	"github.com/shadowctl/shadowctl/shadow"
+)
+
+// rateSample measures the copy rate from the checkpoints (copy_ranges): the
+// time the copy takes to go from `from` to `from+span` rows.
+func (db *testDB) rateOver(id string, from, span int64) float64 {
+	db.t.Helper()
+	var t0 time.Time
+	var r0 int64
+	waitFor(db.t, 60*time.Second, "copy to reach the sample window", func() bool {
+		r0 = db.rowsCopied(id)
+		t0 = time.Now()
+		return r0 >= from
+	})
+	var t1 time.Time
+	var r1 int64
+	waitFor(db.t, 60*time.Second, "copy to cross the sample window", func() bool {
+		r1 = db.rowsCopied(id)
+		t1 = time.Now()
+		return r1 >= r0+span
+	})
+	return float64(r1-r0) / t1.Sub(t0).Seconds()
+}
+
+// Issue 5, done-when 4: `shadowctl set` changes the batch size and the rate
+// cap of a running copy: visible in status, in the batches and in the copy
+// rate measured from the checkpoints.
+func TestDaemonSetChangesRunningCopy(t *testing.T) {
+	shadowctlBinary(t) // built before the clock starts
+	db := newTestDB(t)
+	const rows = 20000
+	db.createOrders(rows)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)",
+		BatchSize: 100, MaxRowsPerSecond: 1000, Workers: 2})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	stage := 0 // 0 before the set command, 1 while it runs, 2 after
+	var maxBefore, maxAfter int64
+	d := db.startDaemon(daemon.Config{OnBatch: func(_ string, n int64) {
+		mu.Lock()
+		defer mu.Unlock()
+		switch stage {
+		case 0:
+			maxBefore = max(maxBefore, n)
+		case 2:
+			maxAfter = max(maxAfter, n)
+		}
+	}})
+	_ = d
+	before := db.rateOver(m.ID, 300, 1000)
+
+	env := []string{"SHADOWCTL_DSN=" + db.DSN}
+	mu.Lock()
+	stage = 1
+	mu.Unlock()
+	if res := runCLI(t, env, "set", m.ID, "batch_size=1000", "max_rows_per_second=5000"); res.Code != 0 {
+		t.Fatalf("set: exit %d: %s", res.Code, res.Stderr)
+	}
+	mu.Lock()
+	stage = 2
+	mu.Unlock()
+	res := runCLI(t, env, "status", "--json", m.ID)
+	var st shadow.Status
+	if err := json.Unmarshal([]byte(res.Stdout), &st); err != nil {
+		t.Fatalf("status --json: %v: %s", err, res.Stdout)
+	}
+	if st.BatchSize != 1000 || st.MaxRowsPerSecond != 5000 || st.Phase != "copying" {
+		t.Fatalf("status after set: batch_size %d, max_rows_per_second %d, phase %s", st.BatchSize, st.MaxRowsPerSecond, st.Phase)
+	}
+	// Skip the batches reserved at the old rate, then measure.
+	after := db.rateOver(m.ID, db.rowsCopied(m.ID)+1000, 5000)
+	t.Logf("copy rate: %.0f rows/s before set (cap 1000), %.0f rows/s after (cap 5000)", before, after)
+	if before > 1300 || before < 600 {
+		t.Fatalf("rate before set %.0f rows/s, want about 1000", before)
+	}
+	if after < 3000 || after > 6000 || after < 3*before {
+		t.Fatalf("rate after set %.0f rows/s, want about 5000", after)
+	}
+	db.waitPhase(m.ID, shadow.Ready, 60*time.Second)
+	mu.Lock()
+	t.Logf("largest batch: %d rows before set (batch_size 100), %d after (batch_size 1000)", maxBefore, maxAfter)
+	if maxBefore > 100 || maxAfter <= 100 || maxAfter > 1000 {
+		mu.Unlock()
+		t.Fatalf("largest batch %d before and %d after set, want <= 100 then in (100, 1000]", maxBefore, maxAfter)
+	}
+	mu.Unlock()
+	if evs := db.events(m.ID, "set"); len(evs) != 1 || !hasLine(evs[0].Actor, "@") {
+		t.Fatalf("set events %+v: want one with the OS user@host in the actor", evs)
+	}
+	db.assertGreenMatches(`SELECT id, amount::numeric(12,2) FROM public.orders`, `SELECT id, amount FROM green.orders`)
+}
