@@ -401,9 +401,8 @@ func (d *Daemon) step(ctx context.Context, id string, log zerolog.Logger) error 
 	}
 	switch m.Phase {
 	case shadow.Pending, shadow.Preparing, shadow.Copying, shadow.Verifying:
-		cursor, _ := d.r.Store.LastEventID(ctx, id)
-		_, err := d.r.Drive(ctx, id, shadow.Ready)
-		d.fireHooks(context.WithoutCancel(ctx), id, cursor)
+		var err error
+		d.followHooks(ctx, id, func() { _, err = d.r.Drive(ctx, id, shadow.Ready) })
 		if err != nil {
 			if errors.Is(err, shadow.ErrStopped) || ctx.Err() != nil {
 				return nil
@@ -456,12 +455,14 @@ func (d *Daemon) cutover(ctx context.Context, m *shadow.Migration, log zerolog.L
 	}
 	_ = d.r.Store.EventBy(ctx, d.r.Pool, m.ID, d.cfg.Identity, "cutover_attempt",
 		fmt.Sprintf("automatic cutover (%s), deadline %s", why, deadline.Round(time.Millisecond)), map[string]any{"policy": m.Request.CutoverPolicy})
-	cursor, _ := d.r.Store.LastEventID(ctx, m.ID)
-	res, err := d.r.Cutover(ctx, m.ID, shadow.CutoverOptions{
-		LockTimeout: m.Request.LockTimeout, Deadline: deadline,
-		OnAttempt: func(cutover.Attempt) { d.metrics.lockAttempts.WithLabelValues(m.ID).Inc() },
+	var res *shadow.Migration
+	var err error
+	d.followHooks(ctx, m.ID, func() {
+		res, err = d.r.Cutover(ctx, m.ID, shadow.CutoverOptions{
+			LockTimeout: m.Request.LockTimeout, Deadline: deadline,
+			OnAttempt: func(cutover.Attempt) { d.metrics.lockAttempts.WithLabelValues(m.ID).Inc() },
+		})
 	})
-	d.fireHooks(context.WithoutCancel(ctx), m.ID, cursor)
 	if err != nil {
 		if ctx.Err() != nil {
 			return nil
@@ -528,9 +529,10 @@ func (d *Daemon) verifyAfterCutover(ctx context.Context, m *shadow.Migration, lo
 	if err := d.r.Store.Postpone(ctx, m.ID, d.cfg.Identity); err != nil {
 		return err
 	}
-	cursor, _ := d.r.Store.LastEventID(ctx, m.ID)
-	rb, err := d.r.Rollback(ctx, m.ID, shadow.CutoverOptions{LockTimeout: m.Request.LockTimeout})
-	d.fireHooks(context.WithoutCancel(ctx), m.ID, cursor)
+	var rb *shadow.Migration
+	d.followHooks(ctx, m.ID, func() {
+		rb, err = d.r.Rollback(ctx, m.ID, shadow.CutoverOptions{LockTimeout: m.Request.LockTimeout})
+	})
 	if err != nil {
 		return fmt.Errorf("auto-rollback: %w", err)
 	}

@@ -44,19 +44,50 @@ func hookEventsOf(from, to string) []string {
 	return nil
 }
 
+// followHooks fires hooks for the phase changes of migration id while fn
+// runs (checking every poll interval) and once more after it, so hooks run
+// soon after each change, in order.
+func (d *Daemon) followHooks(ctx context.Context, id string, fn func()) {
+	cursor, err := d.r.Store.LastEventID(ctx, id)
+	if err != nil {
+		fn()
+		return
+	}
+	hctx := context.WithoutCancel(ctx)
+	stop, done := make(chan struct{}), make(chan struct{})
+	go func() {
+		defer close(done)
+		t := time.NewTicker(d.cfg.Poll)
+		defer t.Stop()
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+				cursor = d.fireHooks(hctx, id, cursor)
+			}
+		}
+	}()
+	fn()
+	close(stop)
+	<-done
+	d.fireHooks(hctx, id, cursor)
+}
+
 // fireHooks runs the hooks of the phase changes recorded after event id
-// cursor (the changes this daemon just made), in order.
-func (d *Daemon) fireHooks(ctx context.Context, id string, cursor int64) {
+// cursor, in order, and returns the new cursor.
+func (d *Daemon) fireHooks(ctx context.Context, id string, cursor int64) int64 {
 	m, err := d.r.Store.Get(ctx, d.r.Pool, id)
 	if err != nil || len(m.Request.Hooks) == 0 {
-		return
+		return cursor
 	}
 	evs, err := d.r.Store.EventsSince(ctx, id, cursor)
 	if err != nil {
 		d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not read events")
-		return
+		return cursor
 	}
 	for _, e := range evs {
+		cursor = e.ID
 		if e.Kind != "phase" {
 			continue
 		}
@@ -72,6 +103,7 @@ func (d *Daemon) fireHooks(ctx context.Context, id string, cursor int64) {
 			}
 		}
 	}
+	return cursor
 }
 
 // HookEnv is the environment a hook command gets (besides the daemon's).
