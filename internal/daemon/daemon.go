@@ -538,8 +538,8 @@ func (d *Daemon) verifyAfterCutover(ctx context.Context, m *shadow.Migration, lo
 	}
 	d.observeSwap(rb)
 	why := "auto-rollback: " + msg
-	_ = d.r.Store.EventBy(ctx, d.r.Pool, m.ID, d.cfg.Identity, "auto_rollback", why, res)
 	_ = d.r.Store.SetError(ctx, m.ID, why)
+	_ = d.r.Store.EventBy(ctx, d.r.Pool, m.ID, d.cfg.Identity, "auto_rollback", why, res)
 	log.Warn().Msg("rolled back to blue on its own")
 	return nil
 }
