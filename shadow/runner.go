@@ -224,6 +224,10 @@ func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error) error {
 	if errors.Is(stepErr, ErrStopped) {
 		return stepErr
 	}
+	if IsTransient(stepErr) {
+		r.Log.Warn().Str("migration", m.ID).Str("phase", string(m.Phase)).Err(stepErr).Msg("database connection lost; the migration keeps its checkpoint")
+		return fmt.Errorf("migration %s: %s: %w: %w", m.ID, m.Phase, ErrTransient, stepErr)
+	}
 	msg := fmt.Sprintf("%s: %v", m.Phase, stepErr)
 	if code := pgsql.Code(stepErr); code != "" && !strings.Contains(msg, code) {
 		msg += " (SQLSTATE " + code + ")"
