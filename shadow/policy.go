@@ -2,7 +2,6 @@ package shadow
 
 import (
 	"fmt"
-	"sort"
 	"strings"
 	"time"
 
@@ -113,14 +112,4 @@ func CutoverDue(m *Migration, now time.Time) (due bool, until time.Time, why str
 		return true, end, "inside window " + w.String()
 	}
 	return false, time.Time{}, "manual"
-}
-
-// hookNames lists a request's hooks in a stable order (for messages).
-func hookNames(h map[string]string) []string {
-	out := make([]string, 0, len(h))
-	for k := range h {
-		out = append(out, k)
-	}
-	sort.Strings(out)
-	return out
 }

@@ -76,6 +76,8 @@ type Daemon struct {
 	retryAfter  map[string]time.Time // vetoed or failed cutovers
 	windowTried map[string]time.Time // window start whose cutover failed
 	lastVerify  map[string]time.Time
+	failures    map[string]int    // consecutive failed work units, for backoff
+	lastErr     map[string]string // the last failed work unit's error
 	lastScanOK  time.Time
 
 	addr  atomic.Pointer[string]
@@ -110,7 +112,7 @@ func New(cfg Config) (*Daemon, error) {
 		cfg: cfg, r: cfg.Runner, log: cfg.Log.With().Str("daemon", cfg.Identity).Logger(),
 		metrics: newMetrics(), wake: make(chan struct{}, 1), active: map[string]bool{},
 		retryAfter: map[string]time.Time{}, windowTried: map[string]time.Time{}, lastVerify: map[string]time.Time{},
-		ready: make(chan struct{}),
+		failures: map[string]int{}, lastErr: map[string]string{}, ready: make(chan struct{}),
 	}
 	d.r.Progress = func(id string, n int64) {
 		d.metrics.batchRows.WithLabelValues(id).Add(float64(n))
@@ -311,6 +313,12 @@ func (d *Daemon) needsWork(m *shadow.Migration, now time.Time) bool {
 	if m.Paused || m.Phase.Terminal() {
 		return false
 	}
+	d.mu.Lock()
+	backoff := time.Now().Before(d.retryAfter[m.ID])
+	d.mu.Unlock()
+	if backoff {
+		return false
+	}
 	switch m.Phase {
 	case shadow.Pending, shadow.Preparing, shadow.Copying, shadow.Verifying:
 		return true
@@ -321,9 +329,6 @@ func (d *Daemon) needsWork(m *shadow.Migration, now time.Time) bool {
 		}
 		d.mu.Lock()
 		defer d.mu.Unlock()
-		if t, ok := d.retryAfter[m.ID]; ok && time.Now().Before(t) {
-			return false
-		}
 		if s, ok := d.windowTried[m.ID]; ok && s.Equal(windowStart(m, now)) {
 			return false // this window's attempt failed: wait for the next one
 		}
@@ -362,17 +367,21 @@ func windowStart(m *shadow.Migration, now time.Time) time.Time {
 func (d *Daemon) drive(ctx context.Context, claim *shadow.Claim, id string) {
 	ctx, cancel := context.WithCancel(shadow.WithClaim(ctx, claim))
 	defer cancel()
+	var lost atomic.Bool
 	go func() {
 		select {
 		case <-claim.Lost():
 			d.log.Error().Str("migration", id).Msg("claim lost (its connection died); stopping")
+			lost.Store(true)
 			cancel()
 		case <-ctx.Done():
 		}
 	}()
 	log := d.log.With().Str("migration", id).Logger()
 	since := time.Now().UTC()
-	info := shadow.DriverInfo{Daemon: d.cfg.Identity, Since: since}
+	d.mu.Lock()
+	info := shadow.DriverInfo{Daemon: d.cfg.Identity, Since: since, LastError: d.lastErr[id]}
+	d.mu.Unlock()
 	if err := d.r.Store.SetDriver(ctx, id, info); err != nil {
 		log.Warn().Err(err).Msg("could not record the driver")
 	}
@@ -380,10 +389,31 @@ func (d *Daemon) drive(ctx context.Context, claim *shadow.Claim, id string) {
 	log.Info().Msg("driving")
 	err := d.step(ctx, id, log)
 	after := context.WithoutCancel(ctx)
-	if err != nil && ctx.Err() == nil {
-		info.LastError = err.Error()
-		log.Warn().Err(err).Msg("stopped driving")
+	if lost.Load() {
+		cause := "its database connection died"
+		if err != nil {
+			cause += "; " + err.Error()
+		}
+		err = fmt.Errorf("migration %s: %w (%s)", id, shadow.ErrClaimLost, cause)
+	} else if ctx.Err() != nil {
+		err = nil // stopping (SIGTERM): not an error
 	}
+	d.mu.Lock()
+	if err != nil {
+		d.failures[id]++
+		wait := min(d.cfg.Poll<<min(d.failures[id]-1, 10), 30*time.Second)
+		if t := time.Now().Add(wait); t.After(d.retryAfter[id]) {
+			d.retryAfter[id] = t
+		}
+		info.LastError = err.Error()
+		d.lastErr[id] = info.LastError
+		log.Warn().Err(err).Dur("retry_in", wait).Msg("stopped driving")
+	} else if ctx.Err() == nil {
+		delete(d.failures, id)
+		delete(d.lastErr, id)
+		info.LastError = ""
+	}
+	d.mu.Unlock()
 	released := time.Now().UTC()
 	info.ReleasedAt = &released
 	if serr := d.r.Store.SetDriver(after, id, info); serr != nil {
