@@ -59,6 +59,9 @@ func (s *Store) Notify(ctx context.Context, q pgsql.Querier, id string) error {
 // NOTIFY, in one transaction.
 func (s *Store) control(ctx context.Context, id, actor, kind, msg string, data any, update string, args ...any) error {
 	return pgx.BeginFunc(ctx, s.Pool, func(tx pgx.Tx) error {
+		if err := pgsql.SetLocalLockTimeout(ctx, tx, catalogLockTimeout); err != nil {
+			return err
+		}
 		tag, err := tx.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET `+update+`, updated_at = now() WHERE id = $1 AND `+
 			`phase NOT IN ('aborted', 'finalized', 'aborting', 'finalizing')`, append([]any{id}, args...)...)
 		if err != nil {
@@ -186,7 +189,10 @@ func (s *Store) SetDriver(ctx context.Context, id string, d DriverInfo) error {
 	if err != nil {
 		return err
 	}
-	_, err = s.Pool.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET driver = $2 WHERE id = $1`, id, b)
+	err = s.shortTx(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET driver = $2 WHERE id = $1`, id, b)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("migration %s: record driver: %w", id, err)
 	}
@@ -195,7 +201,10 @@ func (s *Store) SetDriver(ctx context.Context, id string, d DriverInfo) error {
 
 // SetThrottled records why the copy waits ("" when it no longer does).
 func (s *Store) SetThrottled(ctx context.Context, id, reason string) error {
-	_, err := s.Pool.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET throttled = nullif($2, '') WHERE id = $1 AND coalesce(throttled, '') <> $2`, id, reason)
+	err := s.shortTx(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET throttled = nullif($2, '') WHERE id = $1 AND coalesce(throttled, '') <> $2`, id, reason)
+		return err
+	})
 	if err != nil {
 		return fmt.Errorf("migration %s: record throttle: %w", id, err)
 	}
@@ -220,4 +229,18 @@ func (s *Store) LastEventID(ctx context.Context, id string) (int64, error) {
 	var n int64
 	err := s.Pool.QueryRow(ctx, `SELECT coalesce(max(id), 0) FROM `+s.Cat.T("events")+` WHERE migration_id = $1`, id).Scan(&n)
 	return n, err
+}
+
+// catalogLockTimeout bounds how long a control write waits for the
+// migration's row (a swap holds it for its short transaction).
+const catalogLockTimeout = 5 * time.Second
+
+// shortTx runs fn in a transaction under catalogLockTimeout.
+func (s *Store) shortTx(ctx context.Context, fn func(tx pgx.Tx) error) error {
+	return pgx.BeginFunc(ctx, s.Pool, func(tx pgx.Tx) error {
+		if err := pgsql.SetLocalLockTimeout(ctx, tx, catalogLockTimeout); err != nil {
+			return err
+		}
+		return fn(tx)
+	})
 }

@@ -9,7 +9,8 @@ import (
 
 // addDaemon fills the status fields added for the daemon.
 func (s *Status) addDaemon(m *Migration, now time.Time) {
-	if m.Throttled != "" {
+	// A stale reason (the copy stopped while it waited) is not shown.
+	if m.Throttled != "" && m.Phase == Copying && !m.Paused {
 		t := m.Throttled
 		s.Throttled = &t
 	}
