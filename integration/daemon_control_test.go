@@ -3,6 +3,9 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"os"
+	"os/exec"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -101,4 +104,29 @@ func TestDaemonSetChangesRunningCopy(t *testing.T) {
 		t.Fatalf("set events %+v: want one with the OS user@host in the actor", evs)
 	}
 	db.assertGreenMatches(`SELECT id, amount::numeric(12,2) FROM public.orders`, `SELECT id, amount FROM green.orders`)
+}
+
+// `status --watch` redraws every second until interrupted, then exits 0.
+func TestDaemonStatusWatch(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(100)
+	m, err := db.Runner.Submit(context.Background(), shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(shadowctlBinary(t), "status", "--watch")
+	cmd.Env = append(os.Environ(), "SHADOWCTL_DSN="+db.DSN)
+	out := &lockedBuffer{}
+	cmd.Stdout, cmd.Stderr = out, out
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, 30*time.Second, "two redraws", func() bool { return strings.Count(out.String(), "migration "+m.ID) >= 2 })
+	_ = cmd.Process.Signal(os.Interrupt)
+	if err := cmd.Wait(); err != nil {
+		t.Fatalf("status --watch after SIGINT: %v\n%s", err, out.String())
+	}
+	if !strings.Contains(out.String(), "cutover:   manual") {
+		t.Fatalf("status lacks the daemon's lines:\n%s", out.String())
+	}
 }

@@ -195,6 +195,17 @@ func scheduleCutover(c *cli.Context, id string) error {
 	})
 }
 
+// watchable makes a command redraw its output every second with --watch,
+// until interrupted.
+func watchable(action cli.ActionFunc) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		if !c.Bool("watch") {
+			return action(c)
+		}
+		return watch(c, func() error { return action(c) })
+	}
+}
+
 // watch redraws fn's output every second until interrupted.
 func watch(c *cli.Context, fn func() error) error {
 	t := time.NewTicker(time.Second)

@@ -247,54 +247,47 @@ func statusCommand() *cli.Command {
 		ArgsUsage: "[ID]",
 		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "the documented JSON schema (docs/status.md)"},
 			&cli.BoolFlag{Name: "watch", Usage: "redraw every second until interrupted"}},
-		Action: func(c *cli.Context) error {
+		Action: watchable(func(c *cli.Context) error {
 			return withRunner(c, func(r *shadow.Runner) error {
-				if c.Bool("watch") {
-					return watch(c, func() error { return statusOnce(c, r) })
+				var ms []*shadow.Migration
+				if c.NArg() > 0 {
+					m, err := r.Store.Get(c.Context, r.Pool, c.Args().First())
+					if err != nil {
+						return err
+					}
+					ms = append(ms, m)
+				} else {
+					all, err := r.Store.List(c.Context)
+					if err != nil {
+						return err
+					}
+					for _, m := range all {
+						if !m.Phase.Terminal() {
+							ms = append(ms, m)
+						}
+					}
 				}
-				return statusOnce(c, r)
+				now := time.Now()
+				if c.Bool("json") {
+					if c.NArg() > 0 {
+						return json.NewEncoder(c.App.Writer).Encode(shadow.StatusOf(ms[0], now))
+					}
+					out := []shadow.Status{}
+					for _, m := range ms {
+						out = append(out, shadow.StatusOf(m, now))
+					}
+					return json.NewEncoder(c.App.Writer).Encode(out)
+				}
+				if len(ms) == 0 {
+					fmt.Fprintln(c.App.Writer, "no active migrations")
+				}
+				for _, m := range ms {
+					printStatus(c.App.Writer, shadow.StatusOf(m, now))
+				}
+				return nil
 			})
-		},
+		}),
 	}
-}
-
-func statusOnce(c *cli.Context, r *shadow.Runner) error {
-	var ms []*shadow.Migration
-	if c.NArg() > 0 {
-		m, err := r.Store.Get(c.Context, r.Pool, c.Args().First())
-		if err != nil {
-			return err
-		}
-		ms = append(ms, m)
-	} else {
-		all, err := r.Store.List(c.Context)
-		if err != nil {
-			return err
-		}
-		for _, m := range all {
-			if !m.Phase.Terminal() {
-				ms = append(ms, m)
-			}
-		}
-	}
-	now := time.Now()
-	if c.Bool("json") {
-		if c.NArg() > 0 {
-			return json.NewEncoder(c.App.Writer).Encode(shadow.StatusOf(ms[0], now))
-		}
-		out := []shadow.Status{}
-		for _, m := range ms {
-			out = append(out, shadow.StatusOf(m, now))
-		}
-		return json.NewEncoder(c.App.Writer).Encode(out)
-	}
-	if len(ms) == 0 {
-		fmt.Fprintln(c.App.Writer, "no active migrations")
-	}
-	for _, m := range ms {
-		printStatus(c.App.Writer, shadow.StatusOf(m, now))
-	}
-	return nil
 }
 
 func printStatus(w io.Writer, s shadow.Status) {
