@@ -39,7 +39,7 @@ func TestDaemonHooksAndBeforeCutoverVeto(t *testing.T) {
 	dir := t.TempDir()
 	record := fmt.Sprintf(`env | grep '^SHADOWCTL_' > '%s'/"$SHADOWCTL_EVENT".env`, dir)
 	hooks := map[string]string{}
-	for _, ev := range []string{"started", "copy-done", "verified", "ready"} {
+	for _, ev := range []string{"started", "copy-done", "verified", "ready", "cut-over", "finalized"} {
 		hooks[ev] = record
 	}
 	hooks["before-cutover"] = record + `; echo "not during the sale"; exit 3`
@@ -92,8 +92,26 @@ func TestDaemonHooksAndBeforeCutoverVeto(t *testing.T) {
 			t.Fatalf("%s: exit %d: %s", cmd, res.Code, res.Stderr)
 		}
 	}
+	// Changes made by hand from the CLI fire their hooks too (the daemon
+	// follows the audit log with a cursor in the catalog).
+	for _, args := range [][]string{{"cutover", m.ID}, {"finalize", "--force", m.ID}} {
+		if res := runCLI(t, env, args...); res.Code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, res.Code, res.Stderr)
+		}
+	}
+	for ev, phase := range map[string]string{"cut-over": "cut_over", "finalized": "finalized"} {
+		path := filepath.Join(dir, ev+".env")
+		waitFor(t, 30*time.Second, "the "+ev+" hook", func() bool { _, err := os.Stat(path); return err == nil })
+		waitFor(t, 30*time.Second, "the "+ev+" hook's output", func() bool { return readEnvFile(t, path)["SHADOWCTL_EVENT"] == ev })
+		if got := readEnvFile(t, path); got["SHADOWCTL_PHASE"] != phase || got["SHADOWCTL_MIGRATION_ID"] != m.ID {
+			t.Fatalf("hook %s: %v", ev, got)
+		}
+	}
+	if n := len(db.events(m.ID, "hook")); n != 7 {
+		t.Fatalf("%d hook runs, want 7 (each hook once)", n)
+	}
 	res := runCLI(t, env, "events", m.ID)
-	for _, kind := range []string{"claimed", "hook", "cutover_vetoed", "postpone", "resume"} {
+	for _, kind := range []string{"claimed", "hook", "cutover_vetoed", "postpone", "resume", "finalize"} {
 		if !strings.Contains(res.Stdout, kind) {
 			t.Fatalf("events output lacks %s:\n%s", kind, res.Stdout)
 		}

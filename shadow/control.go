@@ -244,3 +244,26 @@ func (s *Store) shortTx(ctx context.Context, fn func(tx pgx.Tx) error) error {
 		return fn(tx)
 	})
 }
+
+// HookProgress returns the event id up to which the migration's hooks have
+// run and the id of its newest phase event.
+func (s *Store) HookProgress(ctx context.Context, id string) (done, last int64, err error) {
+	err = s.Pool.QueryRow(ctx, `SELECT m.hooks_done, coalesce((SELECT max(e.id) FROM `+s.Cat.T("events")+` e
+		WHERE e.migration_id = m.id AND e.kind = 'phase'), 0) FROM `+s.Cat.T("migrations")+` m WHERE m.id = $1`, id).Scan(&done, &last)
+	if err != nil {
+		return 0, 0, fmt.Errorf("migration %s: read hook progress: %w", id, err)
+	}
+	return done, last, nil
+}
+
+// SetHooksDone records that the hooks of every event up to upto have run.
+func (s *Store) SetHooksDone(ctx context.Context, id string, upto int64) error {
+	err := s.shortTx(ctx, func(tx pgx.Tx) error {
+		_, err := tx.Exec(ctx, `UPDATE `+s.Cat.T("migrations")+` SET hooks_done = $2 WHERE id = $1 AND hooks_done < $2`, id, upto)
+		return err
+	})
+	if err != nil {
+		return fmt.Errorf("migration %s: record hook progress: %w", id, err)
+	}
+	return nil
+}

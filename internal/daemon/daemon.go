@@ -74,11 +74,13 @@ type Daemon struct {
 	mu          sync.Mutex
 	active      map[string]bool
 	retryAfter  map[string]time.Time // vetoed or failed cutovers
+	backoff     map[string]time.Time // after failed work, for any work
 	windowTried map[string]time.Time // window start whose cutover failed
 	lastVerify  map[string]time.Time
 	failures    map[string]int    // consecutive failed work units, for backoff
 	lastErr     map[string]string // the last failed work unit's error
 	lastScanOK  time.Time
+	hookMu      sync.Mutex // one hook runner at a time per daemon
 
 	addr  atomic.Pointer[string]
 	ready chan struct{}
@@ -112,7 +114,7 @@ func New(cfg Config) (*Daemon, error) {
 		cfg: cfg, r: cfg.Runner, log: cfg.Log.With().Str("daemon", cfg.Identity).Logger(),
 		metrics: newMetrics(), wake: make(chan struct{}, 1), active: map[string]bool{},
 		retryAfter: map[string]time.Time{}, windowTried: map[string]time.Time{}, lastVerify: map[string]time.Time{},
-		failures: map[string]int{}, lastErr: map[string]string{}, ready: make(chan struct{}),
+		backoff: map[string]time.Time{}, failures: map[string]int{}, lastErr: map[string]string{}, ready: make(chan struct{}),
 	}
 	d.r.Progress = func(id string, n int64) {
 		d.metrics.batchRows.WithLabelValues(id).Add(float64(n))
@@ -261,7 +263,7 @@ func (d *Daemon) scan(ctx context.Context, work *errgroup.Group) error {
 		if ctx.Err() != nil {
 			return nil
 		}
-		if d.isActive(m.ID) || !d.needsWork(m, now) {
+		if d.isActive(m.ID) || !(d.needsWork(m, now) || d.hooksPending(ctx, m)) {
 			continue
 		}
 		// Cheap look first: someone holds the claim.
@@ -314,7 +316,7 @@ func (d *Daemon) needsWork(m *shadow.Migration, now time.Time) bool {
 		return false
 	}
 	d.mu.Lock()
-	backoff := time.Now().Before(d.retryAfter[m.ID])
+	backoff := time.Now().Before(d.backoff[m.ID])
 	d.mu.Unlock()
 	if backoff {
 		return false
@@ -329,6 +331,9 @@ func (d *Daemon) needsWork(m *shadow.Migration, now time.Time) bool {
 		}
 		d.mu.Lock()
 		defer d.mu.Unlock()
+		if time.Now().Before(d.retryAfter[m.ID]) {
+			return false
+		}
 		if s, ok := d.windowTried[m.ID]; ok && s.Equal(windowStart(m, now)) {
 			return false // this window's attempt failed: wait for the next one
 		}
@@ -389,6 +394,9 @@ func (d *Daemon) drive(ctx context.Context, claim *shadow.Claim, id string) {
 	log.Info().Msg("driving")
 	err := d.step(ctx, id, log)
 	after := context.WithoutCancel(ctx)
+	if !lost.Load() {
+		d.fireHooks(after, id) // changes made meanwhile, also by CLI commands
+	}
 	if lost.Load() {
 		cause := "its database connection died"
 		if err != nil {
@@ -402,9 +410,7 @@ func (d *Daemon) drive(ctx context.Context, claim *shadow.Claim, id string) {
 	if err != nil {
 		d.failures[id]++
 		wait := min(d.cfg.Poll<<min(d.failures[id]-1, 10), 30*time.Second)
-		if t := time.Now().Add(wait); t.After(d.retryAfter[id]) {
-			d.retryAfter[id] = t
-		}
+		d.backoff[id] = time.Now().Add(wait)
 		info.LastError = err.Error()
 		d.lastErr[id] = info.LastError
 		log.Warn().Err(err).Dur("retry_in", wait).Msg("stopped driving")
@@ -452,6 +458,9 @@ func (d *Daemon) step(ctx context.Context, id string, log zerolog.Logger) error 
 		}
 		return d.cutover(ctx, m, log)
 	case shadow.CutOver:
+		if !d.needsWork(m, d.cfg.Clock.Now()) {
+			return nil // claimed for hooks only
+		}
 		return d.verifyAfterCutover(ctx, m, log)
 	}
 	return nil

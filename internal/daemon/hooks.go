@@ -46,13 +46,8 @@ func hookEventsOf(from, to string) []string {
 
 // followHooks fires hooks for the phase changes of migration id while fn
 // runs (checking every poll interval) and once more after it, so hooks run
-// soon after each change, in order.
+// soon after each change, in order. The caller holds the claim.
 func (d *Daemon) followHooks(ctx context.Context, id string, fn func()) {
-	cursor, err := d.r.Store.LastEventID(ctx, id)
-	if err != nil {
-		fn()
-		return
-	}
 	hctx := context.WithoutCancel(ctx)
 	stop, done := make(chan struct{}), make(chan struct{})
 	go func() {
@@ -64,46 +59,73 @@ func (d *Daemon) followHooks(ctx context.Context, id string, fn func()) {
 			case <-stop:
 				return
 			case <-t.C:
-				cursor = d.fireHooks(hctx, id, cursor)
+				d.fireHooks(hctx, id)
 			}
 		}
 	}()
 	fn()
 	close(stop)
 	<-done
-	d.fireHooks(hctx, id, cursor)
+	d.fireHooks(hctx, id)
 }
 
-// fireHooks runs the hooks of the phase changes recorded after event id
-// cursor, in order, and returns the new cursor.
-func (d *Daemon) fireHooks(ctx context.Context, id string, cursor int64) int64 {
+// hooksPending says whether a migration has hooks whose phase changes have
+// not been handled yet (also changes made by CLI commands: cutover,
+// rollback, finalize, abort).
+func (d *Daemon) hooksPending(ctx context.Context, m *shadow.Migration) bool {
+	if len(m.Request.Hooks) == 0 {
+		return false
+	}
+	d.mu.Lock()
+	backoff := time.Now().Before(d.backoff[m.ID])
+	d.mu.Unlock()
+	if backoff {
+		return false
+	}
+	done, last, err := d.r.Store.HookProgress(ctx, m.ID)
+	return err == nil && last > done
+}
+
+// fireHooks runs the hooks of the phase changes recorded after the
+// migration's hook cursor (hooks_done in the catalog), in order, advancing
+// the cursor after each: a hook runs once per change, whichever daemon
+// drives (at least once if a daemon dies between a hook and its record).
+// The caller holds the claim, so no other daemon runs them meanwhile.
+func (d *Daemon) fireHooks(ctx context.Context, id string) {
+	d.hookMu.Lock()
+	defer d.hookMu.Unlock()
 	m, err := d.r.Store.Get(ctx, d.r.Pool, id)
 	if err != nil || len(m.Request.Hooks) == 0 {
-		return cursor
+		return
 	}
-	evs, err := d.r.Store.EventsSince(ctx, id, cursor)
+	done, _, err := d.r.Store.HookProgress(ctx, id)
+	if err != nil {
+		d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not read progress")
+		return
+	}
+	evs, err := d.r.Store.EventsSince(ctx, id, done)
 	if err != nil {
 		d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not read events")
-		return cursor
+		return
 	}
 	for _, e := range evs {
-		cursor = e.ID
-		if e.Kind != "phase" {
-			continue
-		}
-		var ch struct{ From, To string }
-		if json.Unmarshal(e.Data, &ch) != nil {
-			continue
-		}
-		for _, ev := range hookEventsOf(ch.From, ch.To) {
-			mm := *m
-			mm.Phase = shadow.Phase(ch.To)
-			if code, out, err := d.runHook(ctx, &mm, ev); err != nil || code != 0 {
-				d.log.Warn().Err(err).Int("exit_code", code).Str("hook", ev).Str("output", out).Str("migration", id).Msg("hook failed")
+		if e.Kind == "phase" {
+			var ch struct{ From, To string }
+			if json.Unmarshal(e.Data, &ch) == nil {
+				for _, ev := range hookEventsOf(ch.From, ch.To) {
+					mm := *m
+					mm.Phase = shadow.Phase(ch.To)
+					if code, out, err := d.runHook(ctx, &mm, ev); err != nil || code != 0 {
+						d.log.Warn().Err(err).Int("exit_code", code).Str("hook", ev).Str("output", out).Str("migration", id).Msg("hook failed")
+					}
+				}
 			}
 		}
+		if err := d.r.Store.SetHooksDone(ctx, id, e.ID); err != nil {
+			d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not record progress")
+			return
+		}
 	}
-	return cursor
 }
 
 // HookEnv is the environment a hook command gets (besides the daemon's).
