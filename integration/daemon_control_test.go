@@ -130,3 +130,63 @@ func TestDaemonStatusWatch(t *testing.T) {
 		t.Fatalf("status lacks the daemon's lines:\n%s", out.String())
 	}
 }
+
+// pause stops a running copy at a checkpoint and the daemon lets go;
+// `cutover --window` and `cutover --at` record a policy the daemon follows;
+// resume lets the copy go on from its checkpoint.
+func TestDaemonPauseResumeAndScheduledCutover(t *testing.T) {
+	shadowctlBinary(t)
+	db := newTestDB(t)
+	const rows = 4000
+	db.createOrders(rows)
+	m, err := db.Runner.Submit(context.Background(), shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)",
+		BatchSize: 100, MaxRowsPerSecond: 2000})
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := db.startDaemon(daemon.Config{})
+	waitFor(t, 60*time.Second, "the copy to run", func() bool { return db.rowsCopied(m.ID) >= 500 })
+	env := []string{"SHADOWCTL_DSN=" + db.DSN}
+	cli := func(args ...string) string {
+		t.Helper()
+		res := runCLI(t, env, args...)
+		if res.Code != 0 {
+			t.Fatalf("%v: exit %d: %s", args, res.Code, res.Stderr)
+		}
+		return res.Stdout
+	}
+	cli("pause", m.ID)
+	waitFor(t, 30*time.Second, "the daemon to let the paused migration go", func() bool {
+		st := shadow.StatusOf(db.migration(m.ID), time.Now())
+		return st.Paused && st.Driver != nil && st.Driver.ReleasedAt != nil
+	})
+	held := db.rowsCopied(m.ID)
+	d.waitScans(t, 5)
+	if got := db.rowsCopied(m.ID); got != held || db.migration(m.ID).Phase != shadow.Copying {
+		t.Fatalf("paused copy moved from %d to %d rows", held, got)
+	}
+	cli("cutover", m.ID, "--window", "Sat 02:00-03:00 Europe/Berlin")
+	var st shadow.Status
+	if err := json.Unmarshal([]byte(cli("status", "--json", m.ID)), &st); err != nil {
+		t.Fatal(err)
+	}
+	if st.CutoverPolicy != "window" || st.CutoverWindow == nil || *st.CutoverWindow != "Sat 02:00-03:00 Europe/Berlin" ||
+		st.NextWindow == nil || st.NextWindow.Start.Weekday() != time.Saturday {
+		t.Fatalf("status after cutover --window: policy %s, window %v, next %+v", st.CutoverPolicy, st.CutoverWindow, st.NextWindow)
+	}
+	cli("resume", m.ID)
+	db.waitPhase(m.ID, shadow.Ready, 60*time.Second)
+	if got := db.rowsCopied(m.ID); got != rows {
+		t.Fatalf("%d rows counted after resume, want %d", got, rows)
+	}
+	// A time in the past: due now.
+	cli("cutover", m.ID, "--at", time.Now().Add(-time.Minute).UTC().Format(time.RFC3339))
+	db.waitPhase(m.ID, shadow.CutOver, 30*time.Second)
+	kinds := map[string]int{}
+	for _, e := range db.events(m.ID, "") {
+		kinds[e.Kind]++
+	}
+	if kinds["pause"] != 1 || kinds["resume"] != 1 || kinds["cutover_policy"] != 2 || kinds["cutover_attempt"] != 1 {
+		t.Fatalf("events by kind: %v", kinds)
+	}
+}

@@ -33,11 +33,14 @@ func readEnvFile(t testing.TB, path string) map[string]string {
 // cutover (recorded as an event; blue keeps serving); the other hooks get
 // the documented variables.
 func TestDaemonHooksAndBeforeCutoverVeto(t *testing.T) {
+	// The daemon's password-bearing variables never reach a hook.
+	t.Setenv("SHADOWCTL_DSN", "postgres://app:hunter2@db.invalid/app")
+	t.Setenv("PGPASSWORD", "hunter2")
 	db := newTestDB(t)
 	const rows = 3000
 	db.createOrders(rows)
 	dir := t.TempDir()
-	record := fmt.Sprintf(`env | grep '^SHADOWCTL_' > '%s'/"$SHADOWCTL_EVENT".env`, dir)
+	record := fmt.Sprintf(`env | grep -E '^(SHADOWCTL_|PGPASSWORD)' > '%s'/"$SHADOWCTL_EVENT".env`, dir)
 	hooks := map[string]string{}
 	for _, ev := range []string{"started", "copy-done", "verified", "ready", "cut-over", "finalized"} {
 		hooks[ev] = record
@@ -80,6 +83,9 @@ func TestDaemonHooksAndBeforeCutoverVeto(t *testing.T) {
 			if !ok || got != v {
 				t.Errorf("hook %s: %s=%q (set: %v), want %q", ev, k, got, ok, v)
 			}
+		}
+		if _, leaked := env["SHADOWCTL_DSN"]; leaked || env["PGPASSWORD"] != "" {
+			t.Errorf("hook %s got the daemon's DSN or password: %v", ev, env)
 		}
 		if env["SHADOWCTL_ROWS_ESTIMATED"] == "" || env["SHADOWCTL_ROWS_ESTIMATED"] == "0" {
 			t.Errorf("hook %s: SHADOWCTL_ROWS_ESTIMATED=%q", ev, env["SHADOWCTL_ROWS_ESTIMATED"])

@@ -171,10 +171,39 @@ func init() {
 }
 
 // scheduleCutover records --at/--window for the daemon instead of swapping.
-func scheduleCutover(c *cli.Context, id string) error {
+// Both `cutover --at T ID` and `cutover ID --at T` are accepted (the CLI
+// library stops reading flags at the first argument).
+func scheduleCutover(c *cli.Context) error {
 	at, win := c.Timestamp("at"), c.String("window")
-	if at != nil && win != "" {
-		return cli.Exit("give --at or --window, not both", 2)
+	args := c.Args().Slice()
+	if len(args) == 0 {
+		return cli.Exit("cutover needs a migration ID", 2)
+	}
+	id, rest := args[0], args[1:]
+	for len(rest) > 0 {
+		name, val, hasVal := strings.Cut(strings.TrimLeft(rest[0], "-"), "=")
+		if !strings.HasPrefix(rest[0], "-") || (name != "at" && name != "window") {
+			return cli.Exit(fmt.Sprintf("cutover: unexpected %q (usage: cutover ID [--at TIME | --window SPEC])", rest[0]), 2)
+		}
+		rest = rest[1:]
+		if !hasVal {
+			if len(rest) == 0 {
+				return cli.Exit("cutover: --"+name+" needs a value", 2)
+			}
+			val, rest = rest[0], rest[1:]
+		}
+		if name == "window" {
+			win = val
+			continue
+		}
+		t, err := time.Parse(time.RFC3339, val)
+		if err != nil {
+			return cli.Exit(fmt.Sprintf("cutover --at %q: use RFC 3339, e.g. 2026-12-05T02:00:00+01:00", val), 2)
+		}
+		at = &t
+	}
+	if (at == nil) == (win == "") {
+		return cli.Exit("give --at TIME or --window SPEC (one of them)", 2)
 	}
 	return withRunner(c, func(r *shadow.Runner) error {
 		var err error

@@ -40,12 +40,12 @@ func init() {
 			&cli.TimestampFlag{Name: "at", Layout: time.RFC3339, Usage: "let the daemon cut over at this time (RFC 3339) instead of now"},
 			&cli.StringFlag{Name: "window", Usage: `let the daemon cut over inside this window, e.g. "Sat,Sun 02:00-04:00 Europe/Berlin"`}),
 		Action: func(c *cli.Context) error {
+			if c.IsSet("at") || c.IsSet("window") || c.NArg() > 1 {
+				return scheduleCutover(c)
+			}
 			id, err := oneID(c)
 			if err != nil {
 				return err
-			}
-			if c.IsSet("at") || c.IsSet("window") {
-				return scheduleCutover(c, id)
 			}
 			return withRunner(c, func(r *shadow.Runner) error {
 				m, err := r.Cutover(c.Context, id, swapOptionsFrom(c))

@@ -141,6 +141,24 @@ func HookEnv(m *shadow.Migration, event string) []string {
 	}
 }
 
+// secretEnv are the daemon's variables that may hold a database password;
+// hooks do not inherit them (they connect with their own credentials).
+var secretEnv = []string{"SHADOWCTL_DSN", "DATABASE_URL", "PGPASSWORD"}
+
+func hookBaseEnv() []string {
+	var out []string
+next:
+	for _, kv := range os.Environ() {
+		for _, s := range secretEnv {
+			if strings.HasPrefix(kv, s+"=") {
+				continue next
+			}
+		}
+		out = append(out, kv)
+	}
+	return out
+}
+
 // runHook runs the migration's hook for event, if any, with `sh -c`, and
 // records it in the audit log. It returns the exit code and the output's
 // last line.
@@ -152,7 +170,7 @@ func (d *Daemon) runHook(ctx context.Context, m *shadow.Migration, event string)
 	hctx, cancel := context.WithTimeout(ctx, d.cfg.HookTimeout)
 	defer cancel()
 	cmd := exec.CommandContext(hctx, "/bin/sh", "-c", cmdline)
-	cmd.Env = append(os.Environ(), HookEnv(m, event)...)
+	cmd.Env = append(hookBaseEnv(), HookEnv(m, event)...)
 	cmd.WaitDelay = 5 * time.Second
 	var out bytes.Buffer
 	cmd.Stdout, cmd.Stderr = &out, &out
