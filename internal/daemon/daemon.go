@@ -394,9 +394,7 @@ func (d *Daemon) drive(ctx context.Context, claim *shadow.Claim, id string) {
 	log.Info().Msg("driving")
 	err := d.step(ctx, id, log)
 	after := context.WithoutCancel(ctx)
-	if !lost.Load() {
-		d.fireHooks(after, id) // changes made meanwhile, also by CLI commands
-	}
+	d.fireHooks(ctx, id) // changes made meanwhile, also by CLI commands (skipped when stopping)
 	if lost.Load() {
 		cause := "its database connection died"
 		if err != nil {

@@ -48,7 +48,6 @@ func hookEventsOf(from, to string) []string {
 // runs (checking every poll interval) and once more after it, so hooks run
 // soon after each change, in order. The caller holds the claim.
 func (d *Daemon) followHooks(ctx context.Context, id string, fn func()) {
-	hctx := context.WithoutCancel(ctx)
 	stop, done := make(chan struct{}), make(chan struct{})
 	go func() {
 		defer close(done)
@@ -59,14 +58,14 @@ func (d *Daemon) followHooks(ctx context.Context, id string, fn func()) {
 			case <-stop:
 				return
 			case <-t.C:
-				d.fireHooks(hctx, id)
+				d.fireHooks(ctx, id)
 			}
 		}
 	}()
 	fn()
 	close(stop)
 	<-done
-	d.fireHooks(hctx, id)
+	d.fireHooks(ctx, id)
 }
 
 // hooksPending says whether a migration has hooks whose phase changes have
@@ -90,10 +89,15 @@ func (d *Daemon) hooksPending(ctx context.Context, m *shadow.Migration) bool {
 // migration's hook cursor (hooks_done in the catalog), in order, advancing
 // the cursor after each: a hook runs once per change, whichever daemon
 // drives (at least once if a daemon dies between a hook and its record).
-// The caller holds the claim, so no other daemon runs them meanwhile.
+// The caller holds the claim, so no other daemon runs them meanwhile. When
+// ctx ends (SIGTERM, lost claim) a running hook is killed and not recorded:
+// the next driver runs it again.
 func (d *Daemon) fireHooks(ctx context.Context, id string) {
 	d.hookMu.Lock()
 	defer d.hookMu.Unlock()
+	if ctx.Err() != nil {
+		return
+	}
 	m, err := d.r.Store.Get(ctx, d.r.Pool, id)
 	if err != nil || len(m.Request.Hooks) == 0 {
 		return
@@ -115,7 +119,11 @@ func (d *Daemon) fireHooks(ctx context.Context, id string) {
 				for _, ev := range hookEventsOf(ch.From, ch.To) {
 					mm := *m
 					mm.Phase = shadow.Phase(ch.To)
-					if code, out, err := d.runHook(ctx, &mm, ev); err != nil || code != 0 {
+					code, out, err := d.runHook(ctx, &mm, ev)
+					if ctx.Err() != nil {
+						return
+					}
+					if err != nil || code != 0 {
 						d.log.Warn().Err(err).Int("exit_code", code).Str("hook", ev).Str("output", out).Str("migration", id).Msg("hook failed")
 					}
 				}
