@@ -81,7 +81,19 @@ type Copier struct {
 	// the batch statement reads anything (tests use it to interleave).
 	StartFailpoint func(ctx context.Context, tx pgx.Tx, r Range) error
 
-	limiter rateLimiter
+	limiter  rateLimiter
+	maxBatch atomic.Int64 // SetBatchSize's live override of BatchSize
+}
+
+// SetBatchSize changes the largest batch while the copy runs; each worker
+// applies it before its next batch.
+func (c *Copier) SetBatchSize(n int) { c.maxBatch.Store(int64(n)) }
+
+func (c *Copier) batchSize() int {
+	if n := c.maxBatch.Load(); n > 0 {
+		return int(n)
+	}
+	return c.BatchSize
 }
 
 // SplitRanges cuts the source key space into ranges for parallel workers. An
@@ -177,7 +189,7 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 }
 
 func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error {
-	size := c.BatchSize
+	size := c.batchSize()
 	stmt := c.batchSQL(r)
 	for !r.Done {
 		if c.Gate != nil {
@@ -185,6 +197,7 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 				return err
 			}
 		}
+		size = min(size, c.batchSize())
 		if err := c.limiter.wait(ctx, int64(size)); err != nil {
 			return err
 		}
@@ -269,8 +282,8 @@ func (c *Copier) nextSize(size int, took time.Duration) int {
 	switch {
 	case took > c.TargetBatchTime*3/2 && size > 100:
 		size = size * 2 / 3
-	case took < c.TargetBatchTime/3 && size < c.BatchSize:
-		size = min(size*3/2+1, c.BatchSize)
+	case took < c.TargetBatchTime/3 && size < c.batchSize():
+		size = min(size*3/2+1, c.batchSize())
 	}
 	return size
 }

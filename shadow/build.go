@@ -28,6 +28,11 @@ func buildGreen(ctx context.Context, tx pgx.Tx, req Request, blue *pgmeta.Table,
 	if green.Schema == blue.Schema {
 		return nil, false, fmt.Errorf("%w: --green-schema must differ from the table's schema %s", ErrBadRequest, pgsql.Ident(blue.Schema))
 	}
+	// Two migrations prepared at once (two daemons) would both create the
+	// green schema: serialise on its name until this transaction ends.
+	if err := lockGreenSchemaName(ctx, tx, green.Schema); err != nil {
+		return nil, false, err
+	}
 	var schemaExists bool
 	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)`, green.Schema).Scan(&schemaExists); err != nil {
 		return nil, false, err

@@ -45,6 +45,25 @@ type Request struct {
 	// MaxRetainedWAL stops a logical sync whose slot holds more WAL (bytes).
 	MaxRetainedWAL  int64  `json:"max_retained_wal,omitempty" yaml:"-"`
 	MaxRetainedWALS string `json:"-" yaml:"max_retained_wal,omitempty"`
+
+	// The daemon's part (docs/daemon.md).
+
+	// CutoverPolicy is manual (default), auto (as soon as ready, or from
+	// CutoverAt) or window (only inside Window).
+	CutoverPolicy string     `json:"cutover_policy,omitempty" yaml:"cutover_policy,omitempty"`
+	Window        string     `json:"window,omitempty" yaml:"window,omitempty"`
+	CutoverAt     *time.Time `json:"cutover_at,omitempty" yaml:"cutover_at,omitempty"`
+	// AutoRollback rolls back on its own when verification after the
+	// cutover finds a difference.
+	AutoRollback bool `json:"auto_rollback,omitempty" yaml:"auto_rollback,omitempty"`
+	// VerifyEvery is how often the daemon verifies after the cutover.
+	VerifyEvery time.Duration `json:"verify_every,omitempty" yaml:"-"`
+	// Hooks maps a lifecycle event to a shell command.
+	Hooks map[string]string `json:"hooks,omitempty" yaml:"hooks,omitempty"`
+	// ThrottleQuery pauses the copy while it returns true.
+	ThrottleQuery string `json:"throttle_query,omitempty" yaml:"throttle_query,omitempty"`
+	// MaxReplicaLag pauses the copy while a replica's replay lag exceeds it.
+	MaxReplicaLag time.Duration `json:"max_replica_lag,omitempty" yaml:"-"`
 }
 
 // DefaultMaxRetainedWAL bounds the WAL a logical sync's slot may pin.
@@ -100,6 +119,9 @@ func (r *Request) Normalize() error {
 	}
 	if r.MaxRetainedWAL <= 0 {
 		r.MaxRetainedWAL = DefaultMaxRetainedWAL
+	}
+	if err := r.normalizeDaemon(); err != nil {
+		return err
 	}
 	if r.ID != "" && !validID.MatchString(r.ID) {
 		return fmt.Errorf("%w: --name %q: use 1-48 letters, digits, '-', '_' or '.'", ErrBadRequest, r.ID)

@@ -274,6 +274,10 @@ func (r *Runner) fail(ctx context.Context, m *Migration, stepErr error, held *cl
 	if errors.Is(stepErr, ErrStopped) {
 		return stepErr
 	}
+	if IsTransient(stepErr) {
+		r.Log.Warn().Str("migration", m.ID).Str("phase", string(m.Phase)).Err(stepErr).Msg("database connection lost; the migration keeps its checkpoint")
+		return fmt.Errorf("migration %s: %s: %w: %w", m.ID, m.Phase, ErrTransient, stepErr)
+	}
 	msg := fmt.Sprintf("%s: %v", m.Phase, stepErr)
 	if code := pgsql.Code(stepErr); code != "" && !strings.Contains(msg, code) {
 		msg += " (SQLSTATE " + code + ")"
@@ -440,7 +444,7 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 		if cur.Phase != Copying || cur.Paused {
 			return fmt.Errorf("migration %s is now %s (paused=%v): %w", m.ID, cur.Phase, cur.Paused, ErrStopped)
 		}
-		return nil
+		return r.gateLive(ctx, cur, c)
 	}
 	if r.Progress != nil {
 		c.Progress = func(n int64) { r.Progress(m.ID, n) }

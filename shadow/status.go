@@ -28,10 +28,31 @@ type Status struct {
 	PhaseSince    time.Time       `json:"phase_since"`
 	CutOverAt     *time.Time      `json:"cut_over_at"`
 	Alter         string          `json:"alter"`
-	// SyncLagBytes and SyncLagSeconds: how far green trails blue (logical
-	// sync only; null otherwise).
-	SyncLagBytes   *int64   `json:"sync_lag_bytes"`
-	SyncLagSeconds *float64 `json:"sync_lag_seconds"`
+	// Added for the daemon (issue 5).
+
+	// Throttled says why the copy waits (null when it does not).
+	Throttled *string `json:"throttled"`
+	// Driver is the daemon that drives (or last drove) the migration.
+	Driver           *DriverInfo `json:"driver"`
+	BatchSize        int         `json:"batch_size"`
+	MaxRowsPerSecond int         `json:"max_rows_per_second"`
+	Workers          int         `json:"workers"`
+	// SyncLagSeconds and SyncLagBytes: how far green trails blue (logical
+	// sync; 0 and null for the synchronous trigger sync).
+	SyncLagSeconds float64       `json:"sync_lag_seconds"`
+	SyncLagBytes   *int64        `json:"sync_lag_bytes"`
+	CutoverPolicy  string        `json:"cutover_policy"`
+	CutoverHeld    bool          `json:"cutover_held"`
+	CutoverWindow  *string       `json:"cutover_window"`
+	NextWindow     *WindowStatus `json:"next_window"`
+	AutoRollback   bool          `json:"auto_rollback"`
+}
+
+// WindowStatus is the current or next cutover window.
+type WindowStatus struct {
+	Start time.Time `json:"start"`
+	End   time.Time `json:"end"`
+	Open  bool      `json:"open"`
 }
 
 // WithSyncLag fills the logical sync's lag from the catalog and the server.
@@ -42,7 +63,7 @@ func (s *Store) WithSyncLag(ctx context.Context, st *Status) {
 		CASE WHEN pg_wal_lsn_diff(pg_current_wal_lsn(), applied_lsn) > 1024 THEN extract(epoch FROM now() - coalesce(applied_at, updated_at)) ELSE 0 END::float8
 		FROM `+s.Cat.T("sync_positions")+` WHERE migration_id = $1`, st.ID).Scan(&bytes, &secs)
 	if err == nil {
-		st.SyncLagBytes, st.SyncLagSeconds = &bytes, &secs
+		st.SyncLagBytes, st.SyncLagSeconds = &bytes, secs
 	}
 }
 
@@ -54,6 +75,7 @@ func StatusOf(m *Migration, now time.Time) Status {
 		Verify: m.Verify, LastCutover: m.State.LastCutover, Error: m.Error, CreatedAt: m.CreatedAt,
 		PhaseSince: m.PhaseChangedAt, CutOverAt: m.CutOverAt, Alter: m.Request.Alter,
 	}
+	s.addDaemon(m, now)
 	if s.Serving == "" {
 		s.Serving = "blue"
 	}

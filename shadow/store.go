@@ -44,6 +44,12 @@ type Migration struct {
 	PhaseChangedAt time.Time
 	CutOverAt      *time.Time
 	RequestedBy    string
+	// Driver is the daemon that drives (or last drove) it (a DriverInfo).
+	Driver json.RawMessage
+	// Throttled is why the copy waits ("" when it does not).
+	Throttled string
+	// CutoverHeld holds back an automatic or scheduled cutover (postpone).
+	CutoverHeld bool
 }
 
 // State is the migration's persisted working state.
@@ -83,14 +89,15 @@ type Store struct {
 
 const migrationCols = `id, table_schema, table_name, green_schema, sync_mode, spec, phase, paused, coalesce(error, ''),
 	state, rows_estimated, (SELECT coalesce(sum(rows_copied), 0) FROM %s r WHERE r.migration_id = m.id), verify,
-	created_at, updated_at, phase_changed_at, cut_over_at, requested_by`
+	created_at, updated_at, phase_changed_at, cut_over_at, requested_by, driver, coalesce(throttled, ''), cutover_held`
 
 func (s *Store) scan(row pgx.Row) (*Migration, error) {
 	m := &Migration{}
 	var spec, state []byte
 	var phase, sync string
 	err := row.Scan(&m.ID, &m.Table.Schema, &m.Table.Name, &m.GreenSchema, &sync, &spec, &phase, &m.Paused, &m.Error,
-		&state, &m.RowsEstimated, &m.RowsCopied, &m.Verify, &m.CreatedAt, &m.UpdatedAt, &m.PhaseChangedAt, &m.CutOverAt, &m.RequestedBy)
+		&state, &m.RowsEstimated, &m.RowsCopied, &m.Verify, &m.CreatedAt, &m.UpdatedAt, &m.PhaseChangedAt, &m.CutOverAt, &m.RequestedBy,
+		&m.Driver, &m.Throttled, &m.CutoverHeld)
 	if err != nil {
 		return nil, err
 	}

@@ -108,7 +108,7 @@ func startCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "start",
 		Usage: "submit a blue-green migration and drive it until --until (default ready)",
-		Flags: []cli.Flag{
+		Flags: append([]cli.Flag{
 			&cli.StringFlag{Name: "table", Usage: "the table to change: schema.table or table"},
 			&cli.StringFlag{Name: "alter", Usage: "the sub-commands that follow ALTER TABLE <table>, applied to green"},
 			&cli.StringSliceFlag{Name: "map", Usage: "green column = SQL over blue's columns (repeatable)"},
@@ -126,7 +126,7 @@ func startCommand() *cli.Command {
 			&cli.BoolFlag{Name: "detach", Usage: "only record the migration for the daemon (same as --until pending)"},
 			&cli.StringFlag{Name: "name", Usage: "migration ID (default: <table>-<time>-<random>)"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no live progress line"},
-		},
+		}, daemonRequestFlags()...),
 		Action: func(c *cli.Context) error {
 			req, err := requestFromFlags(c)
 			if err != nil {
@@ -257,6 +257,9 @@ func requestFromFlags(c *cli.Context) (shadow.Request, error) {
 		}
 		req.ReverseMap = m
 	}
+	if err := applyDaemonFlags(c, &req); err != nil {
+		return req, err
+	}
 	return req, req.Normalize()
 }
 
@@ -312,8 +315,9 @@ func statusCommand() *cli.Command {
 		Name:      "status",
 		Usage:     "show a migration (or all active ones)",
 		ArgsUsage: "[ID]",
-		Flags:     []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "the documented JSON schema (docs/status.md)"}},
-		Action: func(c *cli.Context) error {
+		Flags: []cli.Flag{&cli.BoolFlag{Name: "json", Usage: "the documented JSON schema (docs/status.md)"},
+			&cli.BoolFlag{Name: "watch", Usage: "redraw every second until interrupted"}},
+		Action: watchable(func(c *cli.Context) error {
 			return withRunner(c, func(r *shadow.Runner) error {
 				var ms []*shadow.Migration
 				if c.NArg() > 0 {
@@ -356,7 +360,7 @@ func statusCommand() *cli.Command {
 				}
 				return nil
 			})
-		},
+		}),
 	}
 }
 
@@ -374,7 +378,7 @@ func printStatus(w io.Writer, s shadow.Status) {
 	}
 	fmt.Fprintln(w)
 	if s.SyncLagBytes != nil {
-		fmt.Fprintf(w, "  sync lag:  %d bytes, %.1f s\n", *s.SyncLagBytes, *s.SyncLagSeconds)
+		fmt.Fprintf(w, "  sync lag:  %d bytes, %.1f s\n", *s.SyncLagBytes, s.SyncLagSeconds)
 	}
 	if string(s.Verify) != "null" {
 		fmt.Fprintf(w, "  verified:  %s\n", s.Verify)
@@ -386,6 +390,7 @@ func printStatus(w io.Writer, s shadow.Status) {
 	if s.Error != "" {
 		fmt.Fprintf(w, "  error:     %s\n", s.Error)
 	}
+	printDaemonStatus(w, s)
 }
 
 func oneLine(s string, n int) string {

@@ -36,10 +36,15 @@ func swapOptionsFrom(c *cli.Context) shadow.CutoverOptions {
 func init() {
 	register(&cli.Command{
 		Name:      "cutover",
-		Usage:     "swap the table to green (a view over it) in one short transaction; blue stays current for a rollback",
+		Usage:     "swap the table to green (a view over it) in one short transaction; blue stays current for a rollback (--at/--window: let the daemon do it then)",
 		ArgsUsage: "ID",
-		Flags:     swapFlags(),
+		Flags: append(swapFlags(),
+			&cli.TimestampFlag{Name: "at", Layout: time.RFC3339, Usage: "let the daemon cut over at this time (RFC 3339) instead of now"},
+			&cli.StringFlag{Name: "window", Usage: `let the daemon cut over inside this window, e.g. "Sat,Sun 02:00-04:00 Europe/Berlin"`}),
 		Action: func(c *cli.Context) error {
+			if c.IsSet("at") || c.IsSet("window") || c.NArg() > 1 {
+				return scheduleCutover(c)
+			}
 			id, err := oneID(c)
 			if err != nil {
 				return err

@@ -112,6 +112,14 @@ func (c Catalog) steps() []string {
 			applied_at   timestamptz,
 			updated_at   timestamptz NOT NULL DEFAULT now()
 		);`,
+		// 3 (daemon control plane): which daemon drives a migration, why its
+		// copy is throttled, whether an automatic cutover is held back, and
+		// up to which event its hooks have run.
+		`ALTER TABLE ` + s + `.migrations
+			ADD COLUMN driver       jsonb,
+			ADD COLUMN throttled    text,
+			ADD COLUMN cutover_held boolean NOT NULL DEFAULT false,
+			ADD COLUMN hooks_done   bigint NOT NULL DEFAULT 0;`,
 	}
 }
 
