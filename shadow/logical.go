@@ -25,6 +25,10 @@ var (
 // preparing until the first cutover (every later sync uses triggers).
 func (m *Migration) logical() bool { return m.Sync == SyncLogical && !m.State.LogicalDone }
 
+// LogicalActive reports whether the migration's green is kept current by the
+// logical sync now (so some process must apply the stream).
+func (m *Migration) LogicalActive() bool { return m.logical() }
+
 func slotNameFor(p *Plan) string { return "shadowctl_" + p.Names.Base }
 
 // slots holds the exporting connections of slots created by this process,

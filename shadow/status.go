@@ -55,6 +55,16 @@ type WindowStatus struct {
 	Open  bool      `json:"open"`
 }
 
+// Status is StatusOf with what only the database knows added: the logical
+// sync's lag. Every place that shows a status (CLI, HTTP, metrics) uses it.
+func (s *Store) Status(ctx context.Context, m *Migration, now time.Time) Status {
+	st := StatusOf(m, now)
+	if m.logical() {
+		s.WithSyncLag(ctx, &st)
+	}
+	return st
+}
+
 // WithSyncLag fills the logical sync's lag from the catalog and the server.
 func (s *Store) WithSyncLag(ctx context.Context, st *Status) {
 	var bytes int64

@@ -26,8 +26,8 @@ func (s *Status) addDaemon(m *Migration, now time.Time) {
 	if s.CutoverPolicy == "" {
 		s.CutoverPolicy = CutoverManual
 	}
-	// Trigger sync is synchronous: green is current at every commit.
-	s.SyncLagSeconds = 0
+	// Trigger sync is synchronous: green is current at every commit (the
+	// logical sync's lag is added by Store.Status).
 	if req.Window != "" {
 		w := req.Window
 		s.CutoverWindow = &w

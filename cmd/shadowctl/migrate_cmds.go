@@ -35,7 +35,7 @@ func init() {
 				}
 				var out []shadow.Status
 				for _, m := range ms {
-					out = append(out, shadow.StatusOf(m, time.Now()))
+					out = append(out, r.Store.Status(c.Context, m, time.Now()))
 				}
 				if c.Bool("json") {
 					return json.NewEncoder(c.App.Writer).Encode(out)
@@ -341,8 +341,7 @@ func statusCommand() *cli.Command {
 				if c.Bool("json") {
 					out := []shadow.Status{}
 					for _, m := range ms {
-						st := shadow.StatusOf(m, now)
-						r.Store.WithSyncLag(c.Context, &st)
+						st := r.Store.Status(c.Context, m, now)
 						out = append(out, st)
 					}
 					if c.NArg() > 0 {
@@ -354,8 +353,7 @@ func statusCommand() *cli.Command {
 					fmt.Fprintln(c.App.Writer, "no active migrations")
 				}
 				for _, m := range ms {
-					st := shadow.StatusOf(m, now)
-					r.Store.WithSyncLag(c.Context, &st)
+					st := r.Store.Status(c.Context, m, now)
 					printStatus(c.App.Writer, st)
 				}
 				return nil

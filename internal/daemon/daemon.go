@@ -73,6 +73,7 @@ type Daemon struct {
 
 	mu          sync.Mutex
 	active      map[string]bool
+	following   map[string]bool // logical syncs applied by this daemon
 	retryAfter  map[string]time.Time // vetoed or failed cutovers
 	backoff     map[string]time.Time // after failed work, for any work
 	windowTried map[string]time.Time // window start whose cutover failed
@@ -112,7 +113,7 @@ func New(cfg Config) (*Daemon, error) {
 	}
 	d := &Daemon{
 		cfg: cfg, r: cfg.Runner, log: cfg.Log.With().Str("daemon", cfg.Identity).Logger(),
-		metrics: newMetrics(), wake: make(chan struct{}, 1), active: map[string]bool{},
+		metrics: newMetrics(), wake: make(chan struct{}, 1), active: map[string]bool{}, following: map[string]bool{},
 		retryAfter: map[string]time.Time{}, windowTried: map[string]time.Time{}, lastVerify: map[string]time.Time{},
 		backoff: map[string]time.Time{}, failures: map[string]int{}, lastErr: map[string]string{}, ready: make(chan struct{}),
 	}
@@ -255,7 +256,7 @@ func (d *Daemon) scan(ctx context.Context, work *errgroup.Group) error {
 		return err
 	}
 	now := d.cfg.Clock.Now()
-	d.metrics.observe(ms, now)
+	d.metrics.observe(ms, now, func(m *shadow.Migration, now time.Time) shadow.Status { return d.r.Store.Status(ctx, m, now) })
 	d.mu.Lock()
 	d.lastScanOK = time.Now()
 	d.mu.Unlock()
@@ -263,6 +264,7 @@ func (d *Daemon) scan(ctx context.Context, work *errgroup.Group) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		d.follow(ctx, work, m)
 		if d.isActive(m.ID) || !(d.needsWork(m, now) || d.hooksPending(ctx, m)) {
 			continue
 		}
@@ -291,6 +293,35 @@ func (d *Daemon) scan(ctx context.Context, work *errgroup.Group) error {
 		})
 	}
 	return nil
+}
+
+// follow keeps a logical sync applied while its migration waits at ready
+// (or is being cut over by another process): green stays current only while
+// someone reads the slot. It needs no claim — the slot admits one reader, and
+// a cutover run elsewhere drains through it.
+func (d *Daemon) follow(ctx context.Context, work *errgroup.Group, m *shadow.Migration) {
+	if !m.LogicalActive() || (m.Phase != shadow.Ready && m.Phase != shadow.CuttingOver) {
+		return
+	}
+	d.mu.Lock()
+	if d.following[m.ID] {
+		d.mu.Unlock()
+		return
+	}
+	d.following[m.ID] = true
+	d.mu.Unlock()
+	id := m.ID
+	work.Go(func() error {
+		defer func() {
+			d.mu.Lock()
+			delete(d.following, id)
+			d.mu.Unlock()
+		}()
+		if err := d.r.Follow(ctx, id); err != nil && ctx.Err() == nil {
+			d.log.Warn().Err(err).Str("migration", id).Msg("logical sync stopped")
+		}
+		return nil
+	})
 }
 
 func (d *Daemon) isActive(id string) bool {

@@ -36,7 +36,7 @@ func (d *Daemon) handler() http.Handler {
 		now := d.cfg.Clock.Now()
 		out := []shadow.Status{}
 		for _, m := range ms {
-			out = append(out, shadow.StatusOf(m, now))
+			out = append(out, d.r.Store.Status(r.Context(), m, now))
 		}
 		writeJSON(w, out)
 	})
@@ -46,7 +46,7 @@ func (d *Daemon) handler() http.Handler {
 			httpError(w, err, statusOf(err))
 			return
 		}
-		writeJSON(w, shadow.StatusOf(m, d.cfg.Clock.Now()))
+		writeJSON(w, d.r.Store.Status(r.Context(), m, d.cfg.Clock.Now()))
 	})
 	mux.HandleFunc("POST /v1/migrations/{id}/{action}", func(w http.ResponseWriter, r *http.Request) {
 		if d.cfg.Token == "" {
@@ -81,7 +81,7 @@ func (d *Daemon) handler() http.Handler {
 			httpError(w, err, statusOf(err))
 			return
 		}
-		writeJSON(w, shadow.StatusOf(m, d.cfg.Clock.Now()))
+		writeJSON(w, d.r.Store.Status(r.Context(), m, d.cfg.Clock.Now()))
 	})
 	return mux
 }

@@ -59,7 +59,7 @@ func newMetrics() *metrics {
 }
 
 // observe sets the gauges from a catalog scan; finished migrations leave.
-func (m *metrics) observe(ms []*shadow.Migration, now time.Time) {
+func (m *metrics) observe(ms []*shadow.Migration, now time.Time, status func(*shadow.Migration, time.Time) shadow.Status) {
 	for _, mg := range ms {
 		if mg.Phase.Terminal() {
 			for _, g := range []*prometheus.GaugeVec{m.rowsCopied, m.rowsEstimated, m.rowsPerSecond, m.paused, m.throttled, m.syncLag} {
@@ -68,7 +68,7 @@ func (m *metrics) observe(ms []*shadow.Migration, now time.Time) {
 			m.phase.DeletePartialMatch(prometheus.Labels{"migration": mg.ID})
 			continue
 		}
-		s := shadow.StatusOf(mg, now)
+		s := status(mg, now)
 		m.rowsCopied.WithLabelValues(mg.ID).Set(float64(s.RowsCopied))
 		m.rowsEstimated.WithLabelValues(mg.ID).Set(float64(s.RowsEstimated))
 		m.rowsPerSecond.WithLabelValues(mg.ID).Set(s.RowsPerSecond)
