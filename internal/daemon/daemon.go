@@ -73,7 +73,7 @@ type Daemon struct {
 
 	mu          sync.Mutex
 	active      map[string]bool
-	following   map[string]bool // logical syncs applied by this daemon
+	following   map[string]bool      // logical syncs applied by this daemon
 	retryAfter  map[string]time.Time // vetoed or failed cutovers
 	backoff     map[string]time.Time // after failed work, for any work
 	windowTried map[string]time.Time // window start whose cutover failed
