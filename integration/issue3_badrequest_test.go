@@ -99,7 +99,7 @@ func TestIssue3BadRequests(t *testing.T) {
 		{"--reverse-map to a missing blue column", shadow.Request{Table: "accounts", Alter: alter, ReverseMap: map[string]string{"nosuchcol": "1"}}, shadow.ErrBadMapping, []string{"nosuchcol"}},
 		{"a name needing quotes given unquoted", shadow.Request{Table: "MixedCase", Alter: alter}, shadow.ErrNoSuchTable, []string{`"MixedCase"`}},
 		{"a name with a space unquoted", shadow.Request{Table: "public.Mixed Case", Alter: alter}, shadow.ErrBadRequest, []string{"Mixed Case", "quote"}},
-		{"a second migration on the same table", shadow.Request{Table: "busy", Alter: alter}, shadow.ErrTableBusy, []string{"busy", busy.ID, "shadowctl resume " + busy.ID, "abort"}},
+		{"a second migration on the same table", shadow.Request{Table: "busy", Alter: alter}, shadow.ErrTableBusy, []string{"busy", busy.ID, "shadowctl drive " + busy.ID, "abort"}},
 		{"an id that is taken", shadow.Request{Table: "accounts", Alter: alter, ID: old.ID}, shadow.ErrIDTaken, []string{old.ID, "--name"}},
 		{"storage over budget", shadow.Request{Table: "accounts", Alter: alter, MaxExtraStorage: 1}, shadow.ErrStorageBudget, []string{"accounts", "--max-extra-storage"}},
 		{"green schema is the table's schema", shadow.Request{Table: "accounts", Alter: alter, GreenSchema: "public"}, shadow.ErrBadRequest, []string{"--green-schema", "public"}},
@@ -174,7 +174,7 @@ func TestIssue3BadRequests(t *testing.T) {
 		{[]string{"start", "--table", "accounts", "--alter", alter, "--map", "extra"}, 2, "write column=SQL-expression"},
 		{[]string{"start", "--table", "accounts", "--alter", alter, "--max-extra-storage", "lots"}, 2, "use a number with an optional unit"},
 		{[]string{"start", "--table", "accounts", "--alter", "DROP COLUMN name"}, 1, "--reverse-map name="},
-		{[]string{"resume", "no-such-migration"}, 1, "no such migration"},
+		{[]string{"drive", "no-such-migration"}, 1, "no such migration"},
 	} {
 		res := runCLI(t, nil, append([]string{"--dsn", db.DSN}, c.args...)...)
 		if res.Code != c.code || !strings.Contains(res.Stderr, c.msg) {

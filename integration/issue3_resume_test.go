@@ -18,7 +18,7 @@ import (
 )
 
 // Issue 3, done-when 3: `shadowctl start` is killed (SIGKILL) mid-backfill;
-// the triggers keep green current while no process runs; `shadowctl resume`
+// the triggers keep green current while no process runs; `shadowctl drive`
 // continues from the checkpoints — it reads exactly the rows after each
 // range's checkpoint, never a finished range again — and green ends exact.
 // While it runs, a second driver of the same migration is refused with
@@ -93,7 +93,7 @@ func TestIssue3KillMidBackfillAndResume(t *testing.T) {
 		FROM shadowctl.copy_ranges r WHERE r.migration_id = $1 AND NOT r.done`, id)
 
 	blueRows := scalar[int64](db, `SELECT count(*) FROM items`)
-	resume := exec.Command(bin, "--dsn", db.DSN, "--log-level", "debug", "--log-format", "json", "resume", "--no-progress", id)
+	resume := exec.Command(bin, "--dsn", db.DSN, "--log-level", "debug", "--log-format", "json", "drive", "--no-progress", id)
 	var resumeOut, resumeErr bytes.Buffer
 	resume.Stdout, resume.Stderr = &resumeOut, &resumeErr
 	if err := resume.Start(); err != nil {
@@ -205,8 +205,8 @@ func TestIssue3InterruptedStartNamesResume(t *testing.T) {
 	if err := <-exited; err == nil {
 		t.Fatal("an interrupted start exited 0")
 	}
-	if msg := stderr.String(); !strings.Contains(msg, "shadowctl resume "+id) || !strings.Contains(msg, "shadowctl abort "+id) {
-		t.Fatalf("the interruption message does not name `shadowctl resume %s`: %s", id, msg)
+	if msg := stderr.String(); !strings.Contains(msg, "shadowctl drive "+id) || !strings.Contains(msg, "shadowctl abort "+id) {
+		t.Fatalf("the interruption message does not name `shadowctl drive %s`: %s", id, msg)
 	}
 	m, err := db.Runner.Store.Get(ctx, db.Pool, id)
 	if err != nil {

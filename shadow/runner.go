@@ -90,7 +90,7 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 	if id, err := r.Store.ActiveOn(ctx, name); err != nil {
 		return nil, err
 	} else if id != "" {
-		return nil, fmt.Errorf("table %s: %w: %s (continue it with `shadowctl resume %s`, or abort it first)", name, ErrTableBusy, id, id)
+		return nil, fmt.Errorf("table %s: %w: %s (continue it with `shadowctl drive %s`, or abort it first)", name, ErrTableBusy, id, id)
 	}
 	if req.ID == "" {
 		req.ID = newID(name.Name)
@@ -628,14 +628,15 @@ func (r *Runner) verifier(m *Migration) *cutover.Verifier {
 	return &cutover.Verifier{
 		Pool: r.Pool, Mapping: p.Forward, Workers: max(m.Request.Workers, 1), Repair: true, Chunked: chunked,
 		LockTimeout: m.Request.LockTimeout, Log: r.Log.With().Str("migration", m.ID).Logger(),
-		// Stop at the next chunk when someone else moved the migration
-		// (abort, pause): the same rule as the copy's.
+		// Stop at the next chunk when someone else moved the migration out of
+		// the phase it was verified in (abort, pause, a swap): the same rule
+		// as the copy's.
 		Gate: func(ctx context.Context) error {
 			cur, err := r.Store.Get(ctx, r.Pool, m.ID)
 			if err != nil {
 				return err
 			}
-			if cur.Phase != Verifying || cur.Paused {
+			if cur.Phase != m.Phase || cur.Paused {
 				return fmt.Errorf("migration %s is now %s (paused=%v): %w", m.ID, cur.Phase, cur.Paused, ErrStopped)
 			}
 			return nil

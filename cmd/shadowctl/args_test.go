@@ -20,3 +20,16 @@ func TestInterspersedFlagsAfterArguments(t *testing.T) {
 		}
 	}
 }
+
+// Every command name is registered once (urfave/cli refuses to run otherwise).
+func TestCommandNamesAreUnique(t *testing.T) {
+	seen := map[string]bool{}
+	for _, c := range newApp().Commands {
+		for _, n := range c.Names() {
+			if seen[n] {
+				t.Errorf("command name %q is registered twice", n)
+			}
+			seen[n] = true
+		}
+	}
+}

@@ -20,7 +20,7 @@ import (
 
 func init() {
 	register(startCommand())
-	register(resumeCommand())
+	register(driveCommand())
 	register(statusCommand())
 	register(&cli.Command{
 		Name:      "list",
@@ -154,7 +154,7 @@ func startCommand() *cli.Command {
 				stop()
 				if err != nil {
 					if errors.Is(err, context.Canceled) {
-						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl resume %s` or `shadowctl abort %s`: %w", id, id, err)
+						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl drive %s` or `shadowctl abort %s`: %w", id, id, err)
 					}
 					return err
 				}
@@ -165,13 +165,13 @@ func startCommand() *cli.Command {
 	}
 }
 
-// resumeCommand drives an existing migration from its last checkpoint: after
+// driveCommand drives an existing migration from its last checkpoint: after
 // a killed or interrupted `start`, or one submitted with --detach.
-func resumeCommand() *cli.Command {
+func driveCommand() *cli.Command {
 	return &cli.Command{
-		Name:  "resume",
+		Name:  "drive",
 		Usage: "drive an existing migration from its last checkpoint until --until (default ready)",
-		Description: "After `start` was killed or interrupted (or submitted with --detach), resume continues the\n" +
+		Description: "After `start` was killed or interrupted (or submitted with --detach), drive continues the\n" +
 			"migration where its catalog checkpoint says it stopped: finished copy ranges are not copied again.\n" +
 			"A failed migration is retried from the phase it failed in (trigger sync only).\n" +
 			"It fails if another process drives the migration now.",
@@ -199,7 +199,7 @@ func resumeCommand() *cli.Command {
 				stop()
 				if err != nil {
 					if errors.Is(err, context.Canceled) {
-						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl resume %s` again or `shadowctl abort %s`: %w", id, id, err)
+						return fmt.Errorf("interrupted; the migration keeps its checkpoint: run `shadowctl drive %s` again or `shadowctl abort %s`: %w", id, id, err)
 					}
 					return err
 				}
