@@ -14,6 +14,7 @@ import (
 
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/mattn/go-isatty"
+	"github.com/shadowctl/shadowctl/internal/gate"
 	"github.com/shadowctl/shadowctl/shadow"
 	"github.com/urfave/cli/v2"
 )
@@ -124,6 +125,8 @@ func startCommand() *cli.Command {
 			&cli.StringFlag{Name: "max-retained-wal", Usage: "logical sync: stop and drop the slot when it pins more WAL (default 16GiB)"},
 			&cli.StringFlag{Name: "until", Value: "ready", Usage: "drive the migration up to this phase (pending: submit only)"},
 			&cli.BoolFlag{Name: "detach", Usage: "only record the migration for the daemon (same as --until pending)"},
+			&cli.StringFlag{Name: "wait", Usage: "with --detach: block until the daemon brings the migration to this phase (exit statuses as `shadowctl wait`)"},
+			&cli.DurationFlag{Name: "wait-timeout", Value: 24 * time.Hour, Usage: "with --wait: give up (exit 2) after this long"},
 			&cli.StringFlag{Name: "name", Usage: "migration ID (default: <table>-<time>-<random>)"},
 			&cli.BoolFlag{Name: "no-progress", Usage: "no live progress line"},
 		}, daemonRequestFlags()...),
@@ -139,12 +142,23 @@ func startCommand() *cli.Command {
 			if c.Bool("detach") {
 				until = shadow.Pending
 			}
+			if w := c.String("wait"); w != "" {
+				if !c.Bool("detach") {
+					return cli.Exit("start: --wait goes with --detach (without it, start drives the migration itself up to --until)", 2)
+				}
+				if err := gate.ValidatePhase(w); err != nil {
+					return cli.Exit("start: --wait: "+err.Error(), 2)
+				}
+			}
 			return withRunner(c, func(r *shadow.Runner) error {
 				m, err := r.Submit(c.Context, req)
 				if err != nil {
 					return err
 				}
 				fmt.Fprintf(c.App.Writer, "migration %s submitted for %s\n", m.ID, m.Table)
+				if phase := c.String("wait"); phase != "" && until == shadow.Pending {
+					return waitForPhase(c, m.ID, phase, c.Duration("wait-timeout"), 2*time.Second)
+				}
 				if until == shadow.Pending {
 					return nil
 				}

@@ -41,36 +41,42 @@ func init() {
 			if err := gate.ValidatePhase(phase); err != nil {
 				return cli.Exit("wait: "+err.Error(), waitUsage)
 			}
-			cfg, err := connConfig(c)
-			if err != nil {
-				return cli.Exit(err.Error(), waitUsage)
-			}
-			dsn := dsnOf(c)
-			// The catalog reads wait for locks at most this long.
-			cfg.RuntimeParams["lock_timeout"] = "5s"
-			v, reason, err := gate.Wait(c.Context, gate.WaitOptions{
-				Catalog: catalogOf(c), ID: id, Phase: phase, Timeout: c.Duration("timeout"), Poll: c.Duration("poll"),
-				Connect: func(ctx context.Context) (*pgx.Conn, error) {
-					cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
-					defer cancel()
-					conn, err := pgx.ConnectConfig(cctx, cfg.Copy())
-					return conn, pgsql.RedactError(err, dsn)
-				},
-				Log: logger(c),
-			})
-			switch {
-			case errors.Is(err, gate.ErrTimeout):
-				fmt.Fprintln(c.App.Writer, "TIMEOUT: "+reason)
-				return cli.Exit("", waitTimeout)
-			case err != nil:
-				return cli.Exit("wait: "+err.Error(), waitUsage)
-			case v == gate.Reached:
-				fmt.Fprintln(c.App.Writer, "ok: "+reason)
-				return nil
-			default:
-				fmt.Fprintln(c.App.Writer, "FAIL: "+reason)
-				return cli.Exit("", waitFailed)
-			}
+			return waitForPhase(c, id, phase, c.Duration("timeout"), c.Duration("poll"))
 		},
 	})
+}
+
+// waitForPhase blocks until migration id reaches phase and turns the verdict
+// into wait's exit statuses (also used by `start --detach --wait`).
+func waitForPhase(c *cli.Context, id, phase string, timeout, poll time.Duration) error {
+	cfg, err := connConfig(c)
+	if err != nil {
+		return cli.Exit(err.Error(), waitUsage)
+	}
+	dsn := dsnOf(c)
+	// The catalog reads wait for locks at most this long.
+	cfg.RuntimeParams["lock_timeout"] = "5s"
+	v, reason, err := gate.Wait(c.Context, gate.WaitOptions{
+		Catalog: catalogOf(c), ID: id, Phase: phase, Timeout: timeout, Poll: poll,
+		Connect: func(ctx context.Context) (*pgx.Conn, error) {
+			cctx, cancel := context.WithTimeout(ctx, 15*time.Second)
+			defer cancel()
+			conn, err := pgx.ConnectConfig(cctx, cfg.Copy())
+			return conn, pgsql.RedactError(err, dsn)
+		},
+		Log: logger(c),
+	})
+	switch {
+	case errors.Is(err, gate.ErrTimeout):
+		fmt.Fprintln(c.App.Writer, "TIMEOUT: "+reason)
+		return cli.Exit("", waitTimeout)
+	case err != nil:
+		return cli.Exit("wait: "+err.Error(), waitUsage)
+	case v == gate.Reached:
+		fmt.Fprintln(c.App.Writer, "ok: "+reason)
+		return nil
+	default:
+		fmt.Fprintln(c.App.Writer, "FAIL: "+reason)
+		return cli.Exit("", waitFailed)
+	}
 }
