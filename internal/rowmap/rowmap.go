@@ -114,23 +114,23 @@ func (m Mapping) MatchColumns() []string {
 // SourceKeyList is "(k1, k2)" over the source key, qualified by alias when given.
 func (m Mapping) SourceKeyList(alias string) string { return qualifiedList(alias, m.SourceKey) }
 
-// RowDigestSource renders the text form of the mapped row, cast to the target
-// types, for checksums of the source side.
+// RowDigestSource renders the mapped row as a record of the target's types,
+// for checksums of the source side.
 func (m Mapping) RowDigestSource() string {
 	parts := make([]string, len(m.Columns))
 	for i, c := range m.Columns {
 		parts[i] = fmt.Sprintf("CAST((%s) AS %s)", c.Expr, c.TargetType)
 	}
-	return "ROW(" + strings.Join(parts, ", ") + ")::text"
+	return "ROW(" + strings.Join(parts, ", ") + ")"
 }
 
-// RowDigestTarget renders the text form of a target row's mapped columns.
+// RowDigestTarget renders a target row's mapped columns as a record.
 func (m Mapping) RowDigestTarget(alias string) string {
 	parts := make([]string, len(m.Columns))
 	for i, c := range m.Columns {
 		parts[i] = pgsql.Ident(alias) + "." + pgsql.Ident(c.Target)
 	}
-	return "ROW(" + strings.Join(parts, ", ") + ")::text"
+	return "ROW(" + strings.Join(parts, ", ") + ")"
 }
 
 func identList(cols []string) string { return qualifiedList("", cols) }
