@@ -190,8 +190,16 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 
 func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error {
 	size := c.batchSize()
-	stmt := c.batchSQL(r)
+	// Two forms: the range's first batch has no lower bound. One statement
+	// with "$1 IS NULL OR key > $1" would not use the index for the bound
+	// once PostgreSQL switches to a generic plan, and every batch would scan
+	// the range from its start.
+	first, next := c.batchSQL(r, false), c.batchSQL(r, true)
 	for !r.Done {
+		stmt := next
+		if r.Last == nil && r.Lower == nil {
+			stmt = first
+		}
 		if c.Gate != nil {
 			if err := c.Gate(ctx); err != nil {
 				return err
@@ -321,7 +329,7 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 // new key), and its new key can never become the checkpoint, which would skip
 // every row between the batch's end and that key. Rows are locked in key
 // order by one index range scan, as before.
-func (c *Copier) batchSQL(r Range) string {
+func (c *Copier) batchSQL(r Range, withLower bool) string {
 	m := c.Mapping
 	keyList := m.SourceKeyList("b")
 	var where []string
@@ -330,8 +338,17 @@ func (c *Copier) batchSQL(r Range) string {
 		params[i] = fmt.Sprintf("$%d::text::%s", i+1, t)
 	}
 	n := len(m.SourceKey)
-	// $1..$n: lower bound (checkpoint or range lower; NULLs mean none).
-	where = append(where, fmt.Sprintf("($1::text IS NULL OR %s > (%s))", keyList, strings.Join(params, ", ")))
+	// $1..$n: the lower bound (checkpoint or range lower). Without one they
+	// are NULL and only typed, as a constant condition.
+	if withLower {
+		where = append(where, fmt.Sprintf("%s > (%s)", keyList, strings.Join(params, ", ")))
+	} else {
+		nulls := make([]string, n)
+		for i := range nulls {
+			nulls[i] = fmt.Sprintf("$%d::text IS NULL", i+1)
+		}
+		where = append(where, "("+strings.Join(nulls, " AND ")+")")
+	}
 	if r.Upper != nil {
 		where = append(where, fmt.Sprintf("b.%s <= $%d::text::%s", pgsql.Ident(m.SourceKey[0]), n+2, m.SourceKeyTypes[0]))
 	}

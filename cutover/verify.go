@@ -196,14 +196,26 @@ func (v *Verifier) walkChunks(ctx context.Context, out chan<- chunk) error {
 	}
 	m := v.Mapping
 	keyCols := strings.Join(quoteAll(m.SourceKey), ", ")
-	q := fmt.Sprintf(`SELECT ARRAY[%s] FROM ONLY %s AS b WHERE ($1::text IS NULL OR (%s) > (%s)) ORDER BY %s OFFSET $%d LIMIT 1`,
-		textArray(m.SourceKey), m.Source.Quoted(), keyCols, placeholders(m.SourceKeyTypes, 1), keyCols, len(m.SourceKey)+1)
+	// Two forms, as in rangeCond: the first chunk has no lower bound.
+	form := func(lower string) string {
+		return fmt.Sprintf(`SELECT ARRAY[%s] FROM ONLY %s AS b WHERE %s ORDER BY %s OFFSET $%d LIMIT 1`,
+			textArray(m.SourceKey), m.Source.Quoted(), lower, keyCols, len(m.SourceKey)+1)
+	}
+	nulls := make([]string, len(m.SourceKey))
+	for i := range nulls {
+		nulls[i] = fmt.Sprintf("$%d::text IS NULL", i+1)
+	}
+	firstQ, nextQ := form("("+strings.Join(nulls, " AND ")+")"), form(fmt.Sprintf("(%s) > (%s)", keyCols, placeholders(m.SourceKeyTypes, 1)))
 	var lower []string
 	for {
 		if err := ctx.Err(); err != nil {
 			return err
 		}
 		var upper []string
+		q := nextQ
+		if lower == nil {
+			q = firstQ
+		}
 		err := v.Pool.QueryRow(ctx, q, append(keyArgs(lower, len(m.SourceKey)), v.ChunkRows-1)...).Scan(&upper)
 		if errors.Is(err, pgx.ErrNoRows) {
 			return send(chunk{lower: lower})
@@ -300,17 +312,31 @@ func (v *Verifier) compareQuietOnce(ctx context.Context, c chunk) (rows int64, o
 }
 
 // rangeCond renders the chunk's bounds over the source and target key:
-// $1..$n lower, $n+1..$2n upper.
+// $1..$n lower, $n+1..$2n upper. A missing bound's parameters are NULL and
+// only typed (a constant condition): "$1 IS NULL OR key > $1" would lose the
+// index once PostgreSQL plans the statement generically.
 func (v *Verifier) rangeCond(c chunk) (src, tgt string) {
 	m := v.Mapping
 	n := len(m.SourceKey)
 	srcKey := m.SourceKeyList(m.Alias)
 	tgtKey := qualified("t", m.MatchColumns())
 	lowerS, upperS := placeholders(m.SourceKeyTypes, 1), placeholders(m.SourceKeyTypes, n+1)
+	unset := func(from int) string {
+		parts := make([]string, n)
+		for i := range parts {
+			parts[i] = fmt.Sprintf("$%d::text IS NULL", from+i)
+		}
+		return "(" + strings.Join(parts, " AND ") + ")"
+	}
 	cond := func(key string) string {
-		parts := []string{fmt.Sprintf("($1::text IS NULL OR %s > (%s))", key, lowerS),
-			fmt.Sprintf("($%d::text IS NULL OR %s <= (%s))", n+1, key, upperS)}
-		return strings.Join(parts, " AND ")
+		lower, upper := unset(1), unset(n+1)
+		if c.lower != nil {
+			lower = fmt.Sprintf("%s > (%s)", key, lowerS)
+		}
+		if c.upper != nil {
+			upper = fmt.Sprintf("%s <= (%s)", key, upperS)
+		}
+		return lower + " AND " + upper
 	}
 	return cond(srcKey), cond(tgtKey)
 }
