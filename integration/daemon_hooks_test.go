@@ -113,6 +113,9 @@ func TestDaemonHooksAndBeforeCutoverVeto(t *testing.T) {
 			t.Fatalf("hook %s: %v", ev, got)
 		}
 	}
+	// A hook's event is recorded after its command exits, so its output file
+	// appears first: wait for the record, then check there is exactly one each.
+	waitTrue(t, 30*time.Second, "the hook runs to be recorded", func() bool { return len(db.events(m.ID, "hook")) >= 7 })
 	if n := len(db.events(m.ID, "hook")); n != 7 {
 		t.Fatalf("%d hook runs, want 7 (each hook once)", n)
 	}

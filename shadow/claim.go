@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/jackc/pgx/v5"
 	"github.com/shadowctl/shadowctl/lock"
 )
 
@@ -83,5 +82,3 @@ func (r *Runner) claim(ctx context.Context, id string, wait time.Duration) (*cla
 	}
 	return &claimHandle{l: l, lost: l.Lost()}, nil
 }
-
-var _ = pgx.ErrNoRows

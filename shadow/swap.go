@@ -272,7 +272,6 @@ func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev
 	if err != nil {
 		return m, err
 	}
-	_ = to
 	r.Log.Info().Str("migration", m.ID).Str("serving", serving).Int("attempts", res.Attempts).
 		Float64("lock_wait_ms", m.State.LastCutover.LockWaitMS).Float64("lock_hold_ms", m.State.LastCutover.LockHoldMS).Msg(kind + " done")
 	// Re-pointed foreign keys were added NOT VALID under the lock; validate

@@ -209,7 +209,6 @@ func (a *Applier) Run(ctx context.Context) error {
 		inTx       bool
 		skipTx     bool
 		txFinal    pglogrepl.LSN
-		txTime     time.Time
 		relOK      = map[uint32]bool{}
 		nextStatus = time.Now()
 		nextWALChk = time.Now()
@@ -322,7 +321,7 @@ func (a *Applier) Run(ctx context.Context) error {
 				}
 				relOK[m.RelationID] = true
 			case *pglogrepl.BeginMessage:
-				inTx, txFinal, txTime = true, m.FinalLSN, m.CommitTime
+				inTx, txFinal = true, m.FinalLSN
 				a.caughtUp.Store(false)
 				// Already applied before a restart: skip the whole transaction.
 				skipTx = txFinal < a.Applied()
@@ -353,7 +352,6 @@ func (a *Applier) Run(ctx context.Context) error {
 					}
 					cur = &pending{tx: tx, batch: &pgx.Batch{}, opened: time.Now()}
 				}
-				_ = txTime
 				a.changes.Add(1)
 				if err := a.queue(cur.batch, m); err != nil {
 					return err

@@ -95,19 +95,13 @@ func init() {
 	control := func(name, usage string, fn func(s *shadow.Store, ctx context.Context, id, actor string) error, done string) {
 		register(&cli.Command{
 			Name: name, Usage: usage, ArgsUsage: "ID",
-			Action: func(c *cli.Context) error {
-				id, err := oneID(c)
-				if err != nil {
+			Action: withMigration(func(c *cli.Context, r *shadow.Runner, id string) error {
+				if err := fn(r.Store, c.Context, id, shadow.LocalActor()); err != nil {
 					return err
 				}
-				return withRunner(c, func(r *shadow.Runner) error {
-					if err := fn(r.Store, c.Context, id, shadow.LocalActor()); err != nil {
-						return err
-					}
-					fmt.Fprintf(c.App.Writer, "migration %s %s\n", id, done)
-					return nil
-				})
-			},
+				fmt.Fprintf(c.App.Writer, "migration %s %s\n", id, done)
+				return nil
+			}),
 		})
 	}
 	control("pause", "stop a migration's copy and the daemon's work on it at the next checkpoint", (*shadow.Store).Pause, "paused")
@@ -140,33 +134,27 @@ func init() {
 		Usage:     "a migration's audit log: when, who, what",
 		ArgsUsage: "ID",
 		Flags:     []cli.Flag{&cli.BoolFlag{Name: "json"}},
-		Action: func(c *cli.Context) error {
-			id, err := oneID(c)
+		Action: withMigration(func(c *cli.Context, r *shadow.Runner, id string) error {
+			if _, err := r.Store.Get(c.Context, r.Pool, id); err != nil {
+				return err
+			}
+			evs, err := r.Store.Events(c.Context, id)
 			if err != nil {
 				return err
 			}
-			return withRunner(c, func(r *shadow.Runner) error {
-				if _, err := r.Store.Get(c.Context, r.Pool, id); err != nil {
-					return err
+			if c.Bool("json") {
+				if evs == nil {
+					evs = []shadow.EventRecord{}
 				}
-				evs, err := r.Store.Events(c.Context, id)
-				if err != nil {
-					return err
-				}
-				if c.Bool("json") {
-					if evs == nil {
-						evs = []shadow.EventRecord{}
-					}
-					return json.NewEncoder(c.App.Writer).Encode(evs)
-				}
-				tw := tabwriter.NewWriter(c.App.Writer, 2, 4, 2, ' ', 0)
-				fmt.Fprintln(tw, "AT\tACTOR\tKIND\tMESSAGE")
-				for _, e := range evs {
-					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.At.Local().Format("2006-01-02 15:04:05.000"), e.Actor, e.Kind, oneLine(e.Message, 160))
-				}
-				return tw.Flush()
-			})
-		},
+				return json.NewEncoder(c.App.Writer).Encode(evs)
+			}
+			tw := tabwriter.NewWriter(c.App.Writer, 2, 4, 2, ' ', 0)
+			fmt.Fprintln(tw, "AT\tACTOR\tKIND\tMESSAGE")
+			for _, e := range evs {
+				fmt.Fprintf(tw, "%s\t%s\t%s\t%s\n", e.At.Local().Format("2006-01-02 15:04:05.000"), e.Actor, e.Kind, oneLine(e.Message, 160))
+			}
+			return tw.Flush()
+		}),
 	})
 }
 

@@ -12,7 +12,6 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/mattn/go-isatty"
 	"github.com/shadowctl/shadowctl/internal/gate"
 	"github.com/shadowctl/shadowctl/shadow"
@@ -54,37 +53,25 @@ func init() {
 		Name:      "follow",
 		Usage:     "logical sync: apply blue's changes to green until interrupted or the migration moves on",
 		ArgsUsage: "ID",
-		Action: func(c *cli.Context) error {
-			id, err := oneID(c)
-			if err != nil {
-				return err
+		Action: withMigration(func(c *cli.Context, r *shadow.Runner, id string) error {
+			err := r.Follow(c.Context, id)
+			if errors.Is(err, context.Canceled) {
+				return nil
 			}
-			return withRunner(c, func(r *shadow.Runner) error {
-				err := r.Follow(c.Context, id)
-				if errors.Is(err, context.Canceled) {
-					return nil
-				}
-				return err
-			})
-		},
+			return err
+		}),
 	})
 	register(&cli.Command{
 		Name:      "abort",
 		Usage:     "remove everything a migration created (while blue serves) and mark it aborted",
 		ArgsUsage: "ID",
-		Action: func(c *cli.Context) error {
-			id, err := oneID(c)
-			if err != nil {
+		Action: withMigration(func(c *cli.Context, r *shadow.Runner, id string) error {
+			if err := r.Abort(c.Context, id, ""); err != nil {
 				return err
 			}
-			return withRunner(c, func(r *shadow.Runner) error {
-				if err := r.Abort(c.Context, id, ""); err != nil {
-					return err
-				}
-				fmt.Fprintf(c.App.Writer, "migration %s aborted; blue is as it was\n", id)
-				return nil
-			})
-		},
+			fmt.Fprintf(c.App.Writer, "migration %s aborted; blue is as it was\n", id)
+			return nil
+		}),
 	})
 }
 
@@ -93,6 +80,18 @@ func oneID(c *cli.Context) (string, error) {
 		return "", cli.Exit(fmt.Sprintf("%s needs exactly one migration ID (see `shadowctl list`)", c.Command.Name), 2)
 	}
 	return c.Args().First(), nil
+}
+
+// withMigration is the action of a command that takes one migration ID: it
+// checks the argument and opens the runner.
+func withMigration(fn func(c *cli.Context, r *shadow.Runner, id string) error) cli.ActionFunc {
+	return func(c *cli.Context) error {
+		id, err := oneID(c)
+		if err != nil {
+			return err
+		}
+		return withRunner(c, func(r *shadow.Runner) error { return fn(c, r, id) })
+	}
 }
 
 // withRunner opens a pool and a runner for one command.
@@ -412,5 +411,3 @@ func oneLine(s string, n int) string {
 	}
 	return s
 }
-
-var _ = (*pgxpool.Pool)(nil)

@@ -66,20 +66,14 @@ func init() {
 		Usage:     "serve blue again after a cutover, losing no write (before a cutover: the same as abort)",
 		ArgsUsage: "ID",
 		Flags:     swapFlags(),
-		Action: func(c *cli.Context) error {
-			id, err := oneID(c)
+		Action: withMigration(func(c *cli.Context, r *shadow.Runner, id string) error {
+			m, err := r.Rollback(c.Context, id, swapOptionsFrom(c))
 			if err != nil {
 				return err
 			}
-			return withRunner(c, func(r *shadow.Runner) error {
-				m, err := r.Rollback(c.Context, id, swapOptionsFrom(c))
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(c.App.Writer, "migration %s is %s: %s serves from blue\n", id, m.Phase, m.Table)
-				return nil
-			})
-		},
+			fmt.Fprintf(c.App.Writer, "migration %s is %s: %s serves from blue\n", id, m.Phase, m.Table)
+			return nil
+		}),
 	})
 	register(&cli.Command{
 		Name:      "finalize",
@@ -88,19 +82,13 @@ func init() {
 		Flags: append(swapFlags(),
 			&cli.DurationFlag{Name: "min-soak", Value: time.Hour, Usage: "refuse until this long after the cutover"},
 			&cli.BoolFlag{Name: "force", Usage: "finalize before --min-soak has passed"}),
-		Action: func(c *cli.Context) error {
-			id, err := oneID(c)
+		Action: withMigration(func(c *cli.Context, r *shadow.Runner, id string) error {
+			m, err := r.Finalize(c.Context, id, c.Duration("min-soak"), c.Bool("force"), swapOptionsFrom(c))
 			if err != nil {
 				return err
 			}
-			return withRunner(c, func(r *shadow.Runner) error {
-				m, err := r.Finalize(c.Context, id, c.Duration("min-soak"), c.Bool("force"), swapOptionsFrom(c))
-				if err != nil {
-					return err
-				}
-				fmt.Fprintf(c.App.Writer, "migration %s finalized: %s is the new table; blue and the sync objects are gone\n", id, m.Table)
-				return nil
-			})
-		},
+			fmt.Fprintf(c.App.Writer, "migration %s finalized: %s is the new table; blue and the sync objects are gone\n", id, m.Table)
+			return nil
+		}),
 	})
 }
