@@ -23,6 +23,7 @@ import (
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -40,6 +41,11 @@ type config struct {
 	Bin       string        // the shadowctl binary (SHADOWCTL_BIN, default bin/shadowctl)
 	OutDir    string        // bench/results
 	Keep      bool          // BENCH_KEEP=1 keeps the work folder (pgbench logs, CLI output)
+	// Only, when not empty (BENCH_ONLY=raw,trigger,…), runs just those
+	// scenarios: raw, baseline, trigger, logical, repack, alter; "idle" skips
+	// the shadowctl runs under load. For working on one figure; a partial run
+	// never replaces bench/results/latest.json.
+	Only map[string]bool
 }
 
 func loadConfig() (config, error) {
@@ -73,6 +79,17 @@ func loadConfig() (config, error) {
 	c.SyncWin = max(c.Load/2, 5*time.Second)
 	if b := os.Getenv("SHADOWCTL_BIN"); b != "" {
 		c.Bin = b
+	}
+	if v := os.Getenv("BENCH_ONLY"); v != "" {
+		c.Only = map[string]bool{}
+		known := map[string]bool{"raw": true, "baseline": true, "trigger": true, "logical": true, "repack": true, "alter": true, "idle": true}
+		for _, name := range strings.Split(v, ",") {
+			name = strings.TrimSpace(name)
+			if !known[name] {
+				return c, fmt.Errorf("BENCH_ONLY=%q: unknown scenario %q (known: raw, baseline, trigger, logical, repack, alter, idle)", v, name)
+			}
+			c.Only[name] = true
+		}
 	}
 	return c, nil
 }

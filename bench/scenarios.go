@@ -24,20 +24,24 @@ func (b *bench) runAll(ctx context.Context) (*results, error) {
 	}
 	steps := []struct {
 		name string
+		key  string
 		fn   func(context.Context, *results) error
 	}{
-		{"raw limit", b.rawCopy},
-		{"baseline", b.baseline},
-		{"shadowctl trigger", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "trigger", &r.Trigger) }},
-		{"shadowctl logical", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "logical", &r.Logical) }},
-		{"pg_repack", b.repack},
-		{"offline ALTER", b.offlineAlter},
+		{"raw limit", "raw", b.rawCopy},
+		{"baseline", "baseline", b.baseline},
+		{"shadowctl trigger", "trigger", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "trigger", &r.Trigger) }},
+		{"shadowctl logical", "logical", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "logical", &r.Logical) }},
+		{"pg_repack", "repack", b.repack},
+		{"offline ALTER", "alter", b.offlineAlter},
 	}
 	var loads []string
 	defer func() {
 		r.note("load average (1 min) at the start of each scenario: %s", strings.Join(loads, ", "))
 	}()
 	for _, s := range steps {
+		if b.cfg.Only != nil && !b.cfg.Only[s.key] {
+			continue
+		}
 		loads = append(loads, fmt.Sprintf("%s %.1f", s.name, loadAvg()))
 		logf("— %s", s.name)
 		if err := s.fn(ctx, r); err != nil {
@@ -240,6 +244,10 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	}
 	if err := b.clean(ctx); err != nil {
 		return err
+	}
+
+	if b.cfg.Only["idle"] {
+		return nil
 	}
 
 	// Under load.
