@@ -17,6 +17,7 @@ import (
 	"github.com/jackc/pgx/v5"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
+	"github.com/shadowctl/shadowctl/internal/pace"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/internal/rowmap"
@@ -62,6 +63,10 @@ type Verifier struct {
 	CatchUp func(ctx context.Context) error
 	// Gate, when set, is called before each chunk; an error stops the run.
 	Gate func(ctx context.Context) error
+	// Pace, when set, says how many of the Workers may compare now and on
+	// what duty cycle (one, resting between chunks, while the application
+	// is busy).
+	Pace pace.Func
 	Log  zerolog.Logger
 
 	quiet gosync.Mutex
@@ -107,13 +112,30 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 	var rows, nchunks, mismatched, repaired atomic.Int64
 	var first atomic.Pointer[string]
 	g, gctx := errgroup.WithContext(ctx)
+	var walked atomic.Bool
 	g.Go(func() error {
+		defer walked.Store(true)
 		defer close(chunks)
 		return v.walkChunks(gctx, chunks)
 	})
 	for w := 0; w < max(v.Workers, 1); w++ {
 		g.Go(func() error {
-			for c := range chunks {
+			for {
+				// A worker over the current pace takes no chunk.
+				if v.Pace != nil && w > 0 && w >= v.Pace(gctx).Workers {
+					if walked.Load() {
+						return nil // the others finish what is left
+					}
+					if err := retry.Sleep(gctx, 200*time.Millisecond); err != nil {
+						return err
+					}
+					continue
+				}
+				c, more := <-chunks
+				if !more {
+					return nil
+				}
+				started := time.Now()
 				if v.Gate != nil {
 					if err := v.Gate(gctx); err != nil {
 						return err
@@ -159,8 +181,12 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 					}
 				}
 				rows.Add(n)
+				if v.Pace != nil {
+					if err := v.Pace(gctx).RestAfter(gctx, time.Since(started)); err != nil {
+						return err
+					}
+				}
 			}
-			return nil
 		})
 	}
 	err := g.Wait()

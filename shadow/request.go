@@ -10,6 +10,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/shadowctl/shadowctl/internal/pace"
 	"gopkg.in/yaml.v3"
 )
 
@@ -39,9 +40,13 @@ type Request struct {
 	BatchSize        int               `json:"batch_size,omitempty" yaml:"batch_size,omitempty"`
 	MaxRowsPerSecond int               `json:"max_rows_per_second,omitempty" yaml:"max_rows_per_second,omitempty"`
 	Workers          int               `json:"workers,omitempty" yaml:"workers,omitempty"`
-	MaxExtraStorage  int64             `json:"max_extra_storage,omitempty" yaml:"-"`
-	MaxExtraStorageS string            `json:"-" yaml:"max_extra_storage,omitempty"`
-	LockTimeout      time.Duration     `json:"lock_timeout,omitempty" yaml:"-"`
+	// LoadShare is the share of one worker's time the copy and verification
+	// use while the application is busy (internal/pace); 1 turns the duty
+	// cycle off.
+	LoadShare        float64       `json:"load_share,omitempty" yaml:"load_share,omitempty"`
+	MaxExtraStorage  int64         `json:"max_extra_storage,omitempty" yaml:"-"`
+	MaxExtraStorageS string        `json:"-" yaml:"max_extra_storage,omitempty"`
+	LockTimeout      time.Duration `json:"lock_timeout,omitempty" yaml:"-"`
 	// MaxRetainedWAL stops a logical sync whose slot holds more WAL (bytes).
 	MaxRetainedWAL  int64  `json:"max_retained_wal,omitempty" yaml:"-"`
 	MaxRetainedWALS string `json:"-" yaml:"max_retained_wal,omitempty"`
@@ -99,6 +104,12 @@ func (r *Request) Normalize() error {
 	}
 	if r.Workers <= 0 {
 		r.Workers = DefaultWorkers
+	}
+	if r.LoadShare == 0 {
+		r.LoadShare = pace.DefaultLoadShare
+	}
+	if r.LoadShare < 0.01 || r.LoadShare > 1 {
+		return fmt.Errorf("%w: --load-share must be between 0.01 and 1 (the share of one worker's time the copy may use while the application is busy; 1: no duty cycle), not %g", ErrBadRequest, r.LoadShare)
 	}
 	if r.LockTimeout <= 0 {
 		r.LockTimeout = DefaultLockTimeout
