@@ -84,6 +84,7 @@ type Copier struct {
 
 	limiter  rateLimiter
 	maxBatch atomic.Int64 // SetBatchSize's live override of BatchSize
+	busy     atomic.Bool  // the last pace said busy (logged on change)
 }
 
 // SetBatchSize changes the largest batch while the copy runs; each worker
@@ -299,7 +300,15 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		size = c.nextSize(size, took)
 		c.Log.Debug().Int("range", r.No).Int64("rows", n).Int("next_batch", size).Dur("took", took).Msg("batch copied")
 		if c.Pace != nil && !r.Done {
-			if err := c.Pace(ctx).RestAfter(ctx, took); err != nil {
+			p := c.Pace(ctx)
+			if c.busy.Swap(p.Busy) != p.Busy {
+				if p.Busy {
+					c.Log.Info().Int("workers", p.Workers).Float64("load_share", p.Duty).Msg("the application is busy: the copy steps back")
+				} else {
+					c.Log.Info().Int("workers", p.Workers).Msg("the application is quiet: the copy runs flat out")
+				}
+			}
+			if err := p.RestAfter(ctx, took); err != nil {
 				return err
 			}
 		}
