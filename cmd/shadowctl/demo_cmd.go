@@ -20,6 +20,7 @@ func init() {
 			&cli.DurationFlag{Name: "soak", Value: demo.DefaultSoak, Usage: "how long the load runs on each side after a swap"},
 			&cli.IntFlag{Name: "batch-size", Usage: "largest copy batch", DefaultText: "as shadowctl start"},
 			&cli.IntFlag{Name: "workers", Usage: "parallel copy workers", DefaultText: "as shadowctl start"},
+			&cli.Float64Flag{Name: "load-share", Value: 1, Usage: "while the load runs: the share of one worker's time the copy uses (shadowctl start's default is 0.33; the demo's 1 keeps it short)"},
 			&cli.BoolFlag{Name: "keep", Usage: "leave PostgreSQL running after the report (until Ctrl-C) and print its DSN"},
 		},
 		Action: func(c *cli.Context) error {
@@ -33,7 +34,7 @@ func init() {
 			}
 			_, err := demo.Run(c.Context, demo.Config{
 				Rows: c.Int64("rows"), Customers: c.Int("customers"), Clients: c.Int("clients"), Soak: c.Duration("soak"),
-				BatchSize: c.Int("batch-size"), Workers: c.Int("workers"),
+				BatchSize: c.Int("batch-size"), Workers: c.Int("workers"), LoadShare: c.Float64("load-share"),
 				Keep: c.Bool("keep"), Out: c.App.Writer, Live: live, Log: log,
 			})
 			if err != nil && c.Context.Err() != nil {
