@@ -46,6 +46,10 @@ type config struct {
 	// the shadowctl runs under load. For working on one figure; a partial run
 	// never replaces bench/results/latest.json.
 	Only map[string]bool
+	// StartArgs (BENCH_START_ARGS, split on spaces) are added to every
+	// `shadowctl start`, e.g. "--load-share 0.5": for comparing settings.
+	// A run with them is reported as such (settings.start_args).
+	StartArgs []string
 }
 
 func loadConfig() (config, error) {
@@ -80,6 +84,7 @@ func loadConfig() (config, error) {
 	if b := os.Getenv("SHADOWCTL_BIN"); b != "" {
 		c.Bin = b
 	}
+	c.StartArgs = strings.Fields(os.Getenv("BENCH_START_ARGS"))
 	if v := os.Getenv("BENCH_ONLY"); v != "" {
 		c.Only = map[string]bool{}
 		known := map[string]bool{"raw": true, "baseline": true, "trigger": true, "logical": true, "repack": true, "alter": true, "idle": true}

@@ -227,6 +227,7 @@ func (b *bench) jsonOf(r *results) jsonOut {
 			"warmup_s":         b.cfg.Warmup.Seconds(),
 			"sync_window_s":    b.cfg.SyncWin.Seconds(),
 			"pgbench_protocol": "simple",
+			"start_args":       strings.Join(b.cfg.StartArgs, " "),
 		},
 	}
 }
@@ -300,6 +301,9 @@ func (b *bench) markdown(r *results) string {
 		p("%s=%s", k, b.settings[k])
 	}
 	p(".\n\n")
+	if len(b.cfg.StartArgs) > 0 {
+		p("Extra `shadowctl start` arguments (BENCH_START_ARGS): `%s`.\n\n", strings.Join(b.cfg.StartArgs, " "))
+	}
 	p("| scenario | figure | value |\n|---|---|---|\n")
 	row := func(sc, fig string, m M, unit string) { p("| %s | %s | %s |\n", sc, fig, fmtM(m, unit)) }
 	row("baseline", "TPS", r.BaselineTPS, "")

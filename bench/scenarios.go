@@ -209,7 +209,8 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		startLimit = max(startLimit, time.Duration(30*r.RawCopyS.val()*float64(time.Second)))
 	}
 	startArgs := func(id string) []string {
-		return []string{"start", "--table", "public.orders", "--alter", alterSpec, "--sync", mode, "--until", "ready", "--name", id}
+		args := []string{"start", "--table", "public.orders", "--alter", alterSpec, "--sync", mode, "--until", "ready", "--name", id}
+		return append(args, b.cfg.StartArgs...)
 	}
 
 	// Idle: time to ready, then abort.
