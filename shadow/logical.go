@@ -226,14 +226,18 @@ func (r *Runner) Follow(ctx context.Context, id string) error {
 }
 
 // catchUp marks the current end of the WAL and waits until green has applied
-// everything before the mark, at most budget.
+// everything before the mark. It gives up when the applied position stops
+// moving for stall: a backlog that is being worked off is waited for however
+// long it is (the mark is fixed, so progress always ends the wait) — unless
+// total is set, a hard limit for callers that hold the application back
+// meanwhile (the swap, under its lock).
 //
 // The mark is a transactional message committed with synchronous_commit on,
 // in its own transaction: its commit flushes the WAL up to it (the WAL sender
 // only decodes flushed WAL), and it comes after every transaction that
 // committed before it — in particular, once the caller holds a lock that
 // keeps writers off blue, after every write to blue.
-func (r *Runner) catchUp(ctx context.Context, m *Migration, budget time.Duration) error {
+func (r *Runner) catchUp(ctx context.Context, m *Migration, total, stall time.Duration) error {
 	var mark string
 	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
@@ -245,20 +249,34 @@ func (r *Runner) catchUp(ctx context.Context, m *Migration, budget time.Duration
 		return fmt.Errorf("mark the WAL: %w", err)
 	}
 	start := time.Now()
-	deadline := start.Add(budget)
+	movedAt, last := start, ""
 	defer func() { r.Log.Debug().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("caught up") }()
 	for {
 		var done bool
-		if err := r.Pool.QueryRow(ctx, `SELECT applied_lsn >= $2::text::pg_lsn FROM `+r.Store.Cat.T("sync_positions")+` WHERE migration_id = $1`, m.ID, mark).Scan(&done); err != nil {
+		var applied string
+		if err := r.Pool.QueryRow(ctx, `SELECT applied_lsn >= $2::text::pg_lsn, applied_lsn::text FROM `+r.Store.Cat.T("sync_positions")+` WHERE migration_id = $1`, m.ID, mark).Scan(&done, &applied); err != nil {
 			return fmt.Errorf("read the sync position: %w", err)
 		}
 		if done {
 			return nil
 		}
-		if time.Now().After(deadline) {
-			return fmt.Errorf("%w: green had not applied up to %s within %s", ErrSyncStalled, mark, budget)
+		if applied != last {
+			movedAt, last = time.Now(), applied
 		}
-		if err := retry.Backoff(ctx, 0, 2*time.Millisecond, 4*time.Millisecond); err != nil {
+		if total > 0 && time.Since(start) > total {
+			return fmt.Errorf("%w: green had not applied up to %s within %s", ErrSyncStalled, mark, total)
+		}
+		if time.Since(movedAt) > stall {
+			return fmt.Errorf("%w: green's applied position stayed at %s for %s, short of %s (is an applier running? see `shadowctl status`)", ErrSyncStalled, applied, stall, mark)
+		}
+		// Poll fast at first and while the application waits (a swap under
+		// its lock), then gently: a long backlog is not drained faster by
+		// asking more often.
+		lo, hi := 2*time.Millisecond, 4*time.Millisecond
+		if total == 0 && time.Since(start) > 200*time.Millisecond {
+			lo, hi = 25*time.Millisecond, 50*time.Millisecond
+		}
+		if err := retry.Backoff(ctx, 0, lo, hi); err != nil {
 			return err
 		}
 	}

@@ -580,10 +580,10 @@ func (r *Runner) compare(ctx context.Context, m *Migration) error {
 		defer stop()
 		// First apply the backlog of the copy (every change made while it
 		// ran), however long it takes; per-chunk catch-ups are then short.
-		if err := r.catchUp(ctx, m, 30*time.Minute); err != nil {
+		if err := r.catchUp(ctx, m, 0, time.Minute); err != nil {
 			return err
 		}
-		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 30*time.Second) }
+		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, 30*time.Second) }
 		// Smaller chunks: with an asynchronous sync a chunk that is written
 		// to while compared is compared again, so hot chunks should be small.
 		v.ChunkRows = 5000
