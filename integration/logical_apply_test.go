@@ -131,3 +131,75 @@ END $$`, txns, rows))
 		}
 	}
 }
+
+// One burst of changes, applied in one go after the fact, with everything
+// that makes grouping changes into multi-row statements delicate: repeated
+// keys, delete then re-insert of a key, key changes (also chained, onto a key
+// just vacated, and of rows whose TOASTed values are unchanged), unique
+// values swapped between rows, NULLs, and a hot key over many small
+// transactions. Green must equal the mapping of blue exactly: a computed
+// column (over a TOASTed column) and a USING expression (so an unchanged
+// value must come from blue) are part of the mapping.
+func TestLogicalApplyBurst(t *testing.T) {
+	for _, tc := range []struct{ name, key, identity string }{
+		{"int key", "int", ""},
+		{"replica identity full", "int", "ALTER TABLE docs REPLICA IDENTITY FULL"},
+		{"numeric key", "numeric", ""}, // text of equal values may differ: no grouping by key text
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			db := newTestDB(t)
+			db.exec(`CREATE TABLE docs (id `+tc.key+` PRIMARY KEY, code text NOT NULL UNIQUE, title text, body text, note text)`,
+				`ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL, ALTER COLUMN note SET STORAGE EXTERNAL`, // out of line: 'u' when unchanged
+				`CREATE FUNCTION big(int) RETURNS text LANGUAGE sql AS $$ SELECT string_agg(md5($1::text || i::text), '') FROM generate_series(1, 100) i $$`,
+				`INSERT INTO docs SELECT g, 'c' || g, 'title ' || g, big(g), big(g + 1000) FROM generate_series(1, 40) g`)
+			if tc.identity != "" {
+				db.exec(tc.identity)
+			}
+			ctx := context.Background()
+			m, err := db.Runner.Submit(ctx, shadow.Request{Table: "docs", Sync: shadow.SyncLogical,
+				Alter: "ALTER COLUMN title TYPE varchar(200), ALTER COLUMN note TYPE text USING upper(note), ADD COLUMN body_len int",
+				Map:   map[string]string{"body_len": "length(body)"}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = db.Runner.Abort(context.WithoutCancel(ctx), m.ID, "") })
+			if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+				t.Fatal(err)
+			}
+			db.exec(`BEGIN;
+				UPDATE docs SET title = 'one ' || id WHERE id BETWEEN 1 AND 10;
+				UPDATE docs SET title = 'two ' || id WHERE id BETWEEN 1 AND 5;
+				DELETE FROM docs WHERE id = 3;
+				INSERT INTO docs VALUES (3, 'c3', 'reborn', 'small body', 'small note');
+				UPDATE docs SET id = 100 WHERE id = 4;
+				UPDATE docs SET id = 4 WHERE id = 5;
+				UPDATE docs SET id = 5, title = 'back' WHERE id = 100;
+				UPDATE docs SET code = 'tmp' WHERE id = 6;
+				UPDATE docs SET code = 'c6' WHERE id = 7;
+				UPDATE docs SET code = 'c7' WHERE id = 6;
+				UPDATE docs SET id = 200 WHERE id = 8;
+				UPDATE docs SET body = body || 'x' WHERE id = 9;
+				UPDATE docs SET note = NULL WHERE id = 10;
+				INSERT INTO docs VALUES (50, 'c50', 'new', big(50), NULL);
+				UPDATE docs SET title = 'newer' WHERE id = 50;
+				DELETE FROM docs WHERE id = 50;
+				DELETE FROM docs WHERE id IN (11, 12);
+				COMMIT`,
+				`BEGIN;
+				UPDATE docs SET id = id + 1000 WHERE id BETWEEN 20 AND 30;
+				UPDATE docs SET title = 'moved' WHERE id > 1000;
+				INSERT INTO docs VALUES (20, 'c20 again', 'reused key', big(20), big(21));
+				UPDATE docs SET id = 21 WHERE id = 1021;
+				COMMIT`,
+				`UPDATE docs SET code = code || '-z'`,
+				`DELETE FROM docs WHERE id::int % 7 = 0`,
+				`INSERT INTO docs VALUES (7, 'c7-z-new', 'reinserted', big(7), big(8))`)
+			for i := 0; i < 30; i++ { // a hot key over small transactions
+				db.exec(fmt.Sprintf(`UPDATE docs SET title = 'hot %d' WHERE id = 1`, i))
+			}
+			db.applyBacklog(m.ID)
+			db.assertGreenMatches(`SELECT id, code, title::varchar(200), body, upper(note), length(body) FROM public.docs`,
+				`SELECT id, code, title, body, note, body_len FROM green.docs`)
+		})
+	}
+}
