@@ -261,13 +261,14 @@ func (a *Applier) Run(ctx context.Context) error {
 		close(queue)
 		<-writerDone
 	}()
-	// stopped is the error to return once the writer stopped.
-	stopped := func() error {
-		<-writerDone
-		if writeErr != nil {
-			return writeErr
+	// ended is the error to return once rctx is done: ctx ended, or else
+	// the writer failed.
+	ended := func() error {
+		if ctx.Err() != nil {
+			return ctx.Err()
 		}
-		return ctx.Err()
+		<-writerDone
+		return writeErr
 	}
 	handOff := func(w work) error {
 		outstanding.Add(1)
@@ -276,12 +277,18 @@ func (a *Applier) Run(ctx context.Context) error {
 			return nil
 		case <-rctx.Done():
 			outstanding.Add(-1)
-			if ctx.Err() == nil {
-				return stopped()
-			}
-			return ctx.Err()
+			return ended()
 		}
 	}
+
+	// Receive with a deadline on the socket rather than a context per
+	// message: a timer and pgconn's context watcher for every message cost
+	// more than decoding it. When the run ends, wake moves the deadline to
+	// now (after the loop set its own, so a blocked read returns at once).
+	nc := conn.Conn()
+	wake := context.AfterFunc(rctx, func() { _ = nc.SetReadDeadline(time.Now()) })
+	defer wake()
+	var deadline time.Time
 
 	var (
 		cur        *pending
@@ -328,19 +335,26 @@ func (a *Applier) Run(ctx context.Context) error {
 				return err
 			}
 		}
-		wait := time.Until(nextStatus)
-		if cur != nil && !inTx {
-			wait = min(wait, a.FlushEvery-time.Since(cur.opened))
+		until := nextStatus
+		if cur != nil && !inTx && cur.opened.Add(a.FlushEvery).Before(until) {
+			until = cur.opened.Add(a.FlushEvery)
 		}
-		tctx, cancel := context.WithTimeout(rctx, max(wait, time.Millisecond))
-		raw, err := conn.ReceiveMessage(tctx)
-		cancel()
+		if soon := time.Now().Add(time.Millisecond); until.Before(soon) {
+			until = soon
+		}
+		if !until.Equal(deadline) {
+			if err := nc.SetReadDeadline(until); err != nil {
+				return fmt.Errorf("replication stream: %w", err)
+			}
+			deadline = until
+		}
+		if rctx.Err() != nil { // checked after setting the deadline: see wake
+			return ended()
+		}
+		raw, err := conn.ReceiveMessage(context.Background())
 		if err != nil {
 			if rctx.Err() != nil {
-				if ctx.Err() == nil {
-					return stopped()
-				}
-				return ctx.Err()
+				return ended()
 			}
 			if pgconn.Timeout(err) {
 				continue
