@@ -206,18 +206,22 @@ END $$`, txns, rows))
 // keys, delete then re-insert of a key, key changes (also chained, onto a key
 // just vacated, and of rows whose TOASTed values are unchanged), unique
 // values swapped between rows, NULLs, and a hot key over many small
-// transactions. Green must equal the mapping of blue exactly: a computed
-// column (over a TOASTed column) and a USING expression (so an unchanged
-// value must come from blue) are part of the mapping.
+// transactions; with and without a unique index besides the key (which
+// decides whether repeated upserts of a key merge). Green must equal the
+// mapping of blue exactly: a computed column (over a TOASTed column) and a
+// USING expression (so an unchanged value must come from blue) are part of
+// the mapping.
 func TestLogicalApplyBurst(t *testing.T) {
-	for _, tc := range []struct{ name, key, identity string }{
-		{"int key", "int", ""},
-		{"replica identity full", "int", "ALTER TABLE docs REPLICA IDENTITY FULL"},
-		{"numeric key", "numeric", ""}, // text of equal values may differ: no grouping by key text
+	for _, tc := range []struct{ name, key, unique, identity string }{
+		{"int key", "int", "UNIQUE", ""},
+		// Without a unique index but the key, repeated upserts of a key merge.
+		{"int key no other unique index", "int", "", ""},
+		{"replica identity full", "int", "UNIQUE", "ALTER TABLE docs REPLICA IDENTITY FULL"},
+		{"numeric key", "numeric", "UNIQUE", ""}, // text of equal values may differ: no grouping by key text
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			db := newTestDB(t)
-			db.exec(`CREATE TABLE docs (id `+tc.key+` PRIMARY KEY, code text NOT NULL UNIQUE, title text, body text, note text)`,
+			db.exec(`CREATE TABLE docs (id `+tc.key+` PRIMARY KEY, code text NOT NULL `+tc.unique+`, title text, body text, note text)`,
 				`ALTER TABLE docs ALTER COLUMN body SET STORAGE EXTERNAL, ALTER COLUMN note SET STORAGE EXTERNAL`, // out of line: 'u' when unchanged
 				`CREATE FUNCTION big(int) RETURNS text LANGUAGE sql AS $$ SELECT string_agg(md5($1::text || i::text), '') FROM generate_series(1, 100) i $$`,
 				`INSERT INTO docs SELECT g, 'c' || g, 'title ' || g, big(g), big(g + 1000) FROM generate_series(1, 40) g`)

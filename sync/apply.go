@@ -16,14 +16,18 @@ package sync
 // upsert, and keeps the order that matters:
 //   - delete then upsert (a re-insert): the delete runs first, as it should;
 //   - upsert then delete: the upsert is dropped, the delete remains;
-//   - a second upsert of a key (ON CONFLICT DO UPDATE cannot touch a row
-//     twice, and merging could break unique values swapped between rows),
-//     or a second delete: the group ends and a new one starts.
+//   - a second upsert of a key: ON CONFLICT DO UPDATE cannot touch a row
+//     twice. When green has no unique index but its key, the second upsert
+//     replaces the first in place (its unchanged TOASTed values taken from
+//     the first); otherwise moving a row's values earlier or later could
+//     break unique values swapped between rows, so the group ends;
+//   - a second delete (without a re-insert between): the group ends.
 // Upserts keep their relative order, so unique values moved between rows
 // stay valid.
 
 import (
 	"bytes"
+	"context"
 	"encoding/binary"
 	"fmt"
 	"strings"
@@ -156,7 +160,7 @@ func (b *batcher) row(kind byte, t, old *pglogrepl.TupleData) error {
 		st := g.keys[key]
 		if g.move != nil || kind == opMove || !a.groupable || g.dels.n+g.ups.n >= maxGroupRows ||
 			(kind == opDelete && st.deleted && st.up == 0) ||
-			(kind == opUpsert && (st.up > 0 || (st.deleted && hasUnchanged(t)))) {
+			(kind == opUpsert && ((st.up > 0 && !a.mergeUpserts) || (st.up == 0 && st.deleted && hasUnchanged(t)))) {
 			b.close()
 		}
 	}
@@ -176,6 +180,10 @@ func (b *batcher) row(kind byte, t, old *pglogrepl.TupleData) error {
 			st.deleted = true
 		}
 	case opUpsert:
+		if st.up > 0 { // see mergeUpserts
+			g.ups.replace(st.up-1, t)
+			break
+		}
 		g.ups.add(a, t, true)
 		st.up = g.ups.n
 	case opMove:
@@ -216,6 +224,26 @@ func (r *rows) add(a *Applier, t *pglogrepl.TupleData, flagUnchanged bool) {
 		}
 	}
 	r.n++
+}
+
+// replace overwrites row i with a later version of the same row; values
+// unchanged in it keep what row i had (a value, or its unchanged flag).
+func (r *rows) replace(i int, t *pglogrepl.TupleData) {
+	for c := range r.vals {
+		v := pgtype.Text{}
+		if c < len(t.Columns) {
+			switch col := t.Columns[c]; col.DataType {
+			case pglogrepl.TupleDataTypeToast:
+				continue
+			case pglogrepl.TupleDataTypeText:
+				v = pgtype.Text{String: string(col.Data), Valid: true}
+			}
+		}
+		r.vals[c][i] = v
+		if r.unchanged[c] != nil {
+			r.unchanged[c][i] = false
+		}
+	}
 }
 
 // drop leaves row i out of the statement.
@@ -405,8 +433,14 @@ var canonicalKeyTypes = map[uint32]bool{
 }
 
 // planGrouping decides, once per run, how changes may be grouped.
-func (a *Applier) planGrouping() error {
+func (a *Applier) planGrouping(ctx context.Context) error {
 	m := a.Mapping
+	// Green's indexes are all built before the stream is applied (the copy
+	// builds them); one unique index is the key's.
+	var unique int
+	if err := a.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_index WHERE indrelid = $1::regclass AND indisunique`, m.Target.Quoted()).Scan(&unique); err != nil {
+		return fmt.Errorf("read the unique indexes of %s: %w", m.Target, err)
+	}
 	a.keyCols = a.keyCols[:0]
 	a.groupable = sameSet(m.ConflictKey, m.MatchColumns())
 	for _, k := range m.SourceKey {
@@ -420,6 +454,7 @@ func (a *Applier) planGrouping() error {
 			a.groupable = false
 		}
 	}
+	a.mergeUpserts = a.groupable && unique <= 1
 	// Like the trigger's re-key condition: an update whose key text did not
 	// change stays at its green row when green's key is blue's key carried
 	// over.

@@ -148,10 +148,12 @@ type Applier struct {
 	changes    atomic.Int64
 
 	// Set by planGrouping: the key's columns in SourceColumns, whether
-	// changes of different keys may share a statement, and whether an
+	// changes of different keys may share a statement, whether a repeated
+	// upsert of a key may replace the first in a group, and whether an
 	// update whose key text is unchanged stays at its green row.
 	keyCols        []int
 	groupable      bool
+	mergeUpserts   bool
 	sameKeySameRow bool
 
 	stmtMu gosync.Mutex
@@ -219,7 +221,7 @@ func (a *Applier) Run(ctx context.Context) error {
 	if a.FlushEvery <= 0 {
 		a.FlushEvery = 50 * time.Millisecond
 	}
-	if err := a.planGrouping(); err != nil {
+	if err := a.planGrouping(ctx); err != nil {
 		return err
 	}
 	start, err := a.LoadPosition(ctx)
@@ -238,7 +240,7 @@ func (a *Applier) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("start replication on slot %s: %w", a.Slot, err)
 	}
-	a.Log.Info().Str("slot", a.Slot).Str("from", start.String()).Bool("grouped", a.groupable).Msg("logical sync streaming")
+	a.Log.Info().Str("slot", a.Slot).Str("from", start.String()).Bool("grouped", a.groupable).Bool("merged", a.mergeUpserts).Msg("logical sync streaming")
 
 	// The writer. Two pieces in the queue at most: memory stays bounded and
 	// a slow green slows the reader down.
