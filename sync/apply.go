@@ -26,7 +26,6 @@ package sync
 // stay valid.
 
 import (
-	"bytes"
 	"context"
 	"encoding/binary"
 	"fmt"
@@ -84,8 +83,8 @@ type batcher struct {
 	a     *Applier
 	g     *group
 	stmts []queued
-	rows  int // changes since the last take
-	key   bytes.Buffer
+	rows  int // changes added since the last take
+	key   []byte
 }
 
 // add queues one decoded change.
@@ -124,17 +123,18 @@ func hasUnchanged(t *pglogrepl.TupleData) bool {
 	return false
 }
 
-// keyOf renders a tuple's key as bytes (length-prefixed text values).
+// keyOf renders a tuple's key as bytes (length-prefixed text values), valid
+// until the next call.
 func (b *batcher) keyOf(t *pglogrepl.TupleData) ([]byte, error) {
-	b.key.Reset()
+	b.key = b.key[:0]
 	for _, i := range b.a.keyCols {
 		if i >= len(t.Columns) || t.Columns[i].DataType != pglogrepl.TupleDataTypeText {
 			return nil, fmt.Errorf("a change on %s came without the value of key column %s", b.a.Mapping.Source, pgsql.Ident(b.a.SourceColumns[i].Name))
 		}
-		_ = binary.Write(&b.key, binary.BigEndian, uint32(len(t.Columns[i].Data)))
-		b.key.Write(t.Columns[i].Data)
+		b.key = binary.BigEndian.AppendUint32(b.key, uint32(len(t.Columns[i].Data)))
+		b.key = append(b.key, t.Columns[i].Data...)
 	}
-	return b.key.Bytes(), nil
+	return b.key, nil
 }
 
 func (b *batcher) sameKey(old, nw *pglogrepl.TupleData) bool {
@@ -160,7 +160,7 @@ func (b *batcher) row(kind byte, t, old *pglogrepl.TupleData) error {
 		st := g.keys[key]
 		if g.move != nil || kind == opMove || !a.groupable || g.dels.n+g.ups.n >= maxGroupRows ||
 			(kind == opDelete && st.deleted && st.up == 0) ||
-			(kind == opUpsert && ((st.up > 0 && !a.mergeUpserts) || (st.up == 0 && st.deleted && hasUnchanged(t)))) {
+			(kind == opUpsert && st.up > 0 && !a.mergeUpserts) {
 			b.close()
 		}
 	}
@@ -331,11 +331,11 @@ func (b *batcher) statement(kind byte, r *rows, old []pgtype.Text) {
 }
 
 // take closes the open group and hands over the statements so far.
-func (b *batcher) take() (stmts []queued, rows int) {
+func (b *batcher) take() []queued {
 	b.close()
-	stmts, rows = b.stmts, b.rows
+	stmts := b.stmts
 	b.stmts, b.rows = nil, 0
-	return stmts, rows
+	return stmts
 }
 
 // maxGroupRows bounds the rows of one group.
@@ -425,12 +425,18 @@ func (a *Applier) carriedBy(name string) string {
 	return ""
 }
 
-// Key types whose text form is canonical: equal values have equal text, so
-// rows with different key text never meet at the same green row.
+// Key types whose text form is canonical (equal values have equal text, so
+// rows with different key text never meet at the same green row): bool,
+// bytea, "char", name, the integers, text, oid, varchar, date, timestamp,
+// timestamptz (in the WAL sender's fixed time zone), uuid; character(n)
+// too, but only with a length (it is then always padded). Others (numeric
+// 1.0 = 1.00, floats, citext, domains...) are applied a row at a time.
 var canonicalKeyTypes = map[uint32]bool{
 	16: true, 17: true, 18: true, 19: true, 20: true, 21: true, 23: true, 25: true, 26: true,
-	1042: true, 1043: true, 1082: true, 1114: true, 1184: true, 2950: true,
+	1043: true, 1082: true, 1114: true, 1184: true, 2950: true,
 }
+
+const bpcharOID = 1042
 
 // planGrouping decides, once per run, how changes may be grouped.
 func (a *Applier) planGrouping(ctx context.Context) error {
@@ -450,7 +456,8 @@ func (a *Applier) planGrouping(ctx context.Context) error {
 		}
 		a.keyCols = append(a.keyCols, i)
 		c := a.SourceColumns[i]
-		if !canonicalKeyTypes[c.TypeOID] || c.Collation != "" {
+		canonical := canonicalKeyTypes[c.TypeOID] || (c.TypeOID == bpcharOID && c.TypeMod >= 0)
+		if !canonical || c.Collation != "" { // an explicit collation may be nondeterministic
 			a.groupable = false
 		}
 	}

@@ -309,8 +309,7 @@ func (a *Applier) Run(ctx context.Context) error {
 		}
 		p := cur
 		cur = nil
-		stmts, _ := p.b.take()
-		return handOff(work{stmts: stmts, commit: true, endLSN: p.endLSN, at: p.at})
+		return handOff(work{stmts: p.b.take(), commit: true, endLSN: p.endLSN, at: p.at})
 	}
 	for {
 		if time.Now().After(nextStatus) {
@@ -436,8 +435,7 @@ func (a *Applier) Run(ctx context.Context) error {
 				}
 				if cur.b.rows >= handOffRows {
 					// Apply what we have inside the open green transaction.
-					stmts, _ := cur.b.take()
-					if err := handOff(work{stmts: stmts}); err != nil {
+					if err := handOff(work{stmts: cur.b.take()}); err != nil {
 						return err
 					}
 				}
