@@ -84,6 +84,7 @@ type batcher struct {
 	g     *group
 	stmts []queued
 	rows  int // changes added since the last take
+	bytes int // and the bytes of their values
 	key   []byte
 }
 
@@ -195,6 +196,9 @@ func (b *batcher) row(kind byte, t, old *pglogrepl.TupleData) error {
 	}
 	g.keys[key] = st
 	b.rows++
+	for _, c := range t.Columns {
+		b.bytes += len(c.Data)
+	}
 	return nil
 }
 
@@ -334,12 +338,13 @@ func (b *batcher) statement(kind byte, r *rows, old []pgtype.Text) {
 func (b *batcher) take() []queued {
 	b.close()
 	stmts := b.stmts
-	b.stmts, b.rows = nil, 0
+	b.stmts, b.rows, b.bytes = nil, 0, 0
 	return stmts
 }
 
-// maxGroupRows bounds the rows of one group.
-const maxGroupRows = 1000
+// maxGroupRows bounds the rows of one group (a group never spans a hand-off
+// to the writer either, see handOffRows).
+const maxGroupRows = 4000
 
 // buildStatement renders the SQL of a statement's shape: its kind and which
 // columns carry unchanged TOASTed values. Parameters: one text[] per blue

@@ -201,14 +201,18 @@ type work struct {
 	marker pglogrepl.LSN
 }
 
-// Sizes of the green transaction during a backlog (see docs/logical.md).
+// Sizes of the green transaction during a backlog (measured with
+// integration.BenchmarkLogicalApply; see docs/logical.md).
 const (
-	// handOffRows: statements go to the writer once they carry this many
-	// changes, so the reader decodes the next ones while green applies them.
-	handOffRows = 1000
+	// handOffRows, handOffBytes: statements go to the writer once they carry
+	// this many changes or bytes of values, so the reader decodes the next
+	// ones while green applies them. The bytes keep wide rows from making
+	// huge statements (the server materializes the rows of one).
+	handOffRows  = 4000
+	handOffBytes = 4 << 20
 	// commitRows: the green transaction commits at the first upstream
 	// commit past this many changes (else every FlushEvery).
-	commitRows = 5000
+	commitRows = 20000
 )
 
 // Run applies the stream until ctx ends or an error stops it (ErrTruncate,
@@ -433,7 +437,7 @@ func (a *Applier) Run(ctx context.Context) error {
 				if err := cur.b.add(m); err != nil {
 					return err
 				}
-				if cur.b.rows >= handOffRows {
+				if cur.b.rows >= handOffRows || cur.b.bytes >= handOffBytes {
 					// Apply what we have inside the open green transaction.
 					if err := handOff(work{stmts: cur.b.take()}); err != nil {
 						return err
