@@ -147,8 +147,17 @@ type Applier struct {
 	caughtUp   atomic.Bool
 	changes    atomic.Int64
 
+	// Set by planGrouping: the key's columns in SourceColumns, whether
+	// changes of different keys may share a statement, whether a repeated
+	// upsert of a key may replace the first in a group, and whether an
+	// update whose key text is unchanged stays at its green row.
+	keyCols        []int
+	groupable      bool
+	mergeUpserts   bool
+	sameKeySameRow bool
+
 	stmtMu gosync.Mutex
-	stmts  map[string]string
+	stmts  map[string]string // SQL by statement shape
 }
 
 // Applied is the WAL position green has committed up to.
@@ -170,21 +179,54 @@ func (a *Applier) Lag() (bytes int64, seconds float64) {
 	return bytes, seconds
 }
 
-// pending is the open green transaction and what it covers.
+// pending is the open green transaction as the reader sees it: what it
+// covers so far and the statements not yet handed to the writer.
 type pending struct {
-	tx      pgx.Tx
-	batch   *pgx.Batch
+	b       batcher
+	rows    int // changes in the green transaction
 	commits int
 	endLSN  pglogrepl.LSN
 	at      time.Time
 	opened  time.Time
 }
 
+// work is a piece of the green transaction for the writer, in stream order.
+type work struct {
+	stmts []queued
+	// commit: save endLSN (covering the commit at `at`) and commit.
+	commit bool
+	endLSN pglogrepl.LSN
+	at     time.Time
+	// marker > 0: afterwards, record it as applied in a transaction of its own.
+	marker pglogrepl.LSN
+}
+
+// Sizes of the green transaction during a backlog (measured with
+// integration.BenchmarkLogicalApply; see docs/logical.md).
+const (
+	// handOffRows, handOffBytes: statements go to the writer once they carry
+	// this many changes or bytes of values, so the reader decodes the next
+	// ones while green applies them. The bytes keep wide rows from making
+	// huge statements (the server materializes the rows of one).
+	handOffRows  = 4000
+	handOffBytes = 4 << 20
+	// commitRows: the green transaction commits at the first upstream
+	// commit past this many changes (else every FlushEvery).
+	commitRows = 20000
+)
+
 // Run applies the stream until ctx ends or an error stops it (ErrTruncate,
 // ErrRelationChanged, ErrWALLimit, or a database error).
+//
+// Two goroutines: this one reads and decodes the stream and builds the
+// statements; a writer applies them to green in order, one green
+// transaction at a time. Only the writer moves Applied, after its commit.
 func (a *Applier) Run(ctx context.Context) error {
 	if a.FlushEvery <= 0 {
 		a.FlushEvery = 50 * time.Millisecond
+	}
+	if err := a.planGrouping(ctx); err != nil {
+		return err
 	}
 	start, err := a.LoadPosition(ctx)
 	if err != nil {
@@ -202,51 +244,82 @@ func (a *Applier) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("start replication on slot %s: %w", a.Slot, err)
 	}
-	a.Log.Info().Str("slot", a.Slot).Str("from", start.String()).Msg("logical sync streaming")
+	a.Log.Info().Str("slot", a.Slot).Str("from", start.String()).Bool("grouped", a.groupable).Bool("merged", a.mergeUpserts).Msg("logical sync streaming")
+
+	// The writer. Two pieces in the queue at most: memory stays bounded and
+	// a slow green slows the reader down.
+	rctx, stopReading := context.WithCancel(ctx)
+	defer stopReading()
+	queue := make(chan work, 2)
+	var (
+		outstanding atomic.Int64 // pieces handed over and not yet applied
+		writeErr    error
+		writerDone  = make(chan struct{})
+	)
+	go func() {
+		defer close(writerDone)
+		if err := a.write(ctx, queue, &outstanding); err != nil {
+			writeErr = err
+			stopReading()
+		}
+	}()
+	defer func() {
+		close(queue)
+		<-writerDone
+	}()
+	// ended is the error to return once rctx is done: ctx ended, or else
+	// the writer failed.
+	ended := func() error {
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		<-writerDone
+		return writeErr
+	}
+	handOff := func(w work) error {
+		outstanding.Add(1)
+		select {
+		case queue <- w:
+			return nil
+		case <-rctx.Done():
+			outstanding.Add(-1)
+			return ended()
+		}
+	}
+
+	// Receive with a deadline on the socket rather than a context per
+	// message: a timer and pgconn's context watcher for every message cost
+	// more than decoding it. When the run ends, wake moves the deadline to
+	// now (after the loop set its own, so a blocked read returns at once).
+	nc := conn.Conn()
+	wake := context.AfterFunc(rctx, func() { _ = nc.SetReadDeadline(time.Now()) })
+	defer wake()
+	var deadline time.Time
 
 	var (
 		cur        *pending
 		inTx       bool
 		skipTx     bool
 		txFinal    pglogrepl.LSN
-		relOK      = map[uint32]bool{}
 		nextStatus = time.Now()
 		nextWALChk = time.Now()
 		ackLSN     = start
 	)
+	// idle: green has committed everything received so far.
+	idle := func() bool { return !inTx && cur == nil && outstanding.Load() == 0 }
 	flush := func() error {
 		if cur == nil {
 			return nil
 		}
 		p := cur
 		cur = nil
-		if err := a.SavePosition(ctx, p.tx, p.endLSN, p.at); err != nil {
-			_ = p.tx.Rollback(ctx)
-			return err
-		}
-		if p.batch.Len() > 0 {
-			if err := p.tx.SendBatch(ctx, p.batch).Close(); err != nil {
-				_ = p.tx.Rollback(ctx)
-				return fmt.Errorf("apply to %s: %w", a.Mapping.Target, err)
-			}
-		}
-		if err := p.tx.Commit(ctx); err != nil {
-			return fmt.Errorf("apply to %s: commit: %w", a.Mapping.Target, err)
-		}
-		a.applied.Store(uint64(p.endLSN))
-		a.lastCommit.Store(p.at.UnixNano())
-		return nil
+		return handOff(work{stmts: p.b.take(), commit: true, endLSN: p.endLSN, at: p.at})
 	}
-	defer func() {
-		if cur != nil {
-			_ = cur.tx.Rollback(context.WithoutCancel(ctx))
-		}
-	}()
 	for {
 		if time.Now().After(nextStatus) {
 			// Acknowledge only what green has committed.
 			ack := a.Applied()
-			if !inTx && cur == nil && ackLSN > ack {
+			if idle() && ackLSN > ack {
 				ack = ackLSN
 			}
 			if err := pglogrepl.SendStandbyStatusUpdate(ctx, conn, pglogrepl.StandbyStatusUpdate{WALWritePosition: ack}); err != nil {
@@ -267,16 +340,26 @@ func (a *Applier) Run(ctx context.Context) error {
 				return err
 			}
 		}
-		wait := time.Until(nextStatus)
-		if cur != nil && !inTx {
-			wait = min(wait, a.FlushEvery-time.Since(cur.opened))
+		until := nextStatus
+		if cur != nil && !inTx && cur.opened.Add(a.FlushEvery).Before(until) {
+			until = cur.opened.Add(a.FlushEvery)
 		}
-		rctx, cancel := context.WithTimeout(ctx, max(wait, time.Millisecond))
-		raw, err := conn.ReceiveMessage(rctx)
-		cancel()
+		if soon := time.Now().Add(time.Millisecond); until.Before(soon) {
+			until = soon
+		}
+		if !until.Equal(deadline) {
+			if err := nc.SetReadDeadline(until); err != nil {
+				return fmt.Errorf("replication stream: %w", err)
+			}
+			deadline = until
+		}
+		if rctx.Err() != nil { // checked after setting the deadline: see wake
+			return ended()
+		}
+		raw, err := conn.ReceiveMessage(context.Background())
 		if err != nil {
-			if ctx.Err() != nil {
-				return ctx.Err()
+			if rctx.Err() != nil {
+				return ended()
 			}
 			if pgconn.Timeout(err) {
 				continue
@@ -298,8 +381,10 @@ func (a *Applier) Run(ctx context.Context) error {
 			}
 			a.serverEnd.Store(uint64(max(pkm.ServerWALEnd, pglogrepl.LSN(a.serverEnd.Load()))))
 			if !inTx && cur == nil {
-				a.caughtUp.Store(true)
 				ackLSN = max(ackLSN, pkm.ServerWALEnd)
+				if outstanding.Load() == 0 {
+					a.caughtUp.Store(true)
+				}
 			}
 			if pkm.ReplyRequested {
 				nextStatus = time.Time{}
@@ -319,7 +404,6 @@ func (a *Applier) Run(ctx context.Context) error {
 				if err := a.checkRelation(m); err != nil {
 					return err
 				}
-				relOK[m.RelationID] = true
 			case *pglogrepl.BeginMessage:
 				inTx, txFinal = true, m.FinalLSN
 				a.caughtUp.Store(false)
@@ -336,7 +420,7 @@ func (a *Applier) Run(ctx context.Context) error {
 				}
 				cur.endLSN, cur.at = m.TransactionEndLSN, m.CommitTime
 				cur.commits++
-				if cur.batch.Len() >= 2000 {
+				if cur.rows >= commitRows {
 					if err := flush(); err != nil {
 						return err
 					}
@@ -346,22 +430,18 @@ func (a *Applier) Run(ctx context.Context) error {
 					continue
 				}
 				if cur == nil {
-					tx, err := a.Pool.Begin(ctx)
-					if err != nil {
-						return err
-					}
-					cur = &pending{tx: tx, batch: &pgx.Batch{}, opened: time.Now()}
+					cur = &pending{b: batcher{a: a}, opened: time.Now()}
 				}
 				a.changes.Add(1)
-				if err := a.queue(cur.batch, m); err != nil {
+				cur.rows++
+				if err := cur.b.add(m); err != nil {
 					return err
 				}
-				if cur.batch.Len() >= 500 {
-					// Send what we have inside the open transaction.
-					if err := cur.tx.SendBatch(ctx, cur.batch).Close(); err != nil {
-						return fmt.Errorf("apply to %s: %w", a.Mapping.Target, err)
+				if cur.b.rows >= handOffRows || cur.b.bytes >= handOffBytes {
+					// Apply what we have inside the open green transaction.
+					if err := handOff(work{stmts: cur.b.take()}); err != nil {
+						return err
 					}
-					cur.batch = &pgx.Batch{}
 				}
 			case *pglogrepl.TruncateMessage:
 				return fmt.Errorf("%w (%s); abort this migration and start again", ErrTruncate, a.Mapping.Source)
@@ -374,14 +454,64 @@ func (a *Applier) Run(ctx context.Context) error {
 				if err := flush(); err != nil {
 					return err
 				}
-				if err := a.savePositionNow(ctx, m.LSN); err != nil {
+				if err := handOff(work{marker: m.LSN}); err != nil {
 					return err
 				}
-				a.applied.Store(uint64(max(m.LSN, a.Applied())))
 				ackLSN = max(ackLSN, m.LSN)
 			}
 		}
 	}
+}
+
+// write applies the pieces in order until the queue is closed. An open green
+// transaction is rolled back when it ends early.
+func (a *Applier) write(ctx context.Context, queue <-chan work, outstanding *atomic.Int64) (err error) {
+	var tx pgx.Tx
+	defer func() {
+		if tx != nil {
+			_ = tx.Rollback(context.WithoutCancel(ctx))
+		}
+	}()
+	for w := range queue {
+		b := &pgx.Batch{}
+		if tx == nil && (len(w.stmts) > 0 || w.commit) {
+			if tx, err = a.Pool.Begin(ctx); err != nil {
+				return fmt.Errorf("apply to %s: begin: %w", a.Mapping.Target, err)
+			}
+			// The statements take arrays whose length changes every time:
+			// custom plans would re-plan each execution (about a
+			// millisecond), and the generic plan is the right one anyway.
+			b.Queue("SET LOCAL plan_cache_mode = force_generic_plan")
+		}
+		for _, s := range w.stmts {
+			b.Queue(s.sql, s.args...)
+		}
+		if b.Len() > 0 {
+			if err := tx.SendBatch(ctx, b).Close(); err != nil {
+				return fmt.Errorf("apply to %s: %w", a.Mapping.Target, err)
+			}
+		}
+		if w.commit {
+			if err := a.SavePosition(ctx, tx, w.endLSN, w.at); err != nil {
+				return err
+			}
+			err := tx.Commit(ctx)
+			tx = nil
+			if err != nil {
+				return fmt.Errorf("apply to %s: commit: %w", a.Mapping.Target, err)
+			}
+			a.applied.Store(uint64(max(w.endLSN, a.Applied())))
+			a.lastCommit.Store(w.at.UnixNano())
+		}
+		if w.marker > 0 {
+			if err := a.savePositionNow(ctx, w.marker); err != nil {
+				return err
+			}
+			a.applied.Store(uint64(max(w.marker, a.Applied())))
+		}
+		outstanding.Add(-1)
+	}
+	return nil
 }
 
 func (a *Applier) savePositionNow(ctx context.Context, lsn pglogrepl.LSN) error {
@@ -407,143 +537,6 @@ func (a *Applier) checkRelation(m *pglogrepl.RelationMessage) error {
 		return fmt.Errorf("%w: columns are now (%s), were (%s); abort this migration and start again", ErrRelationChanged, strings.Join(got, ", "), strings.Join(want, ", "))
 	}
 	return nil
-}
-
-// queue adds the green statement(s) for one change to the batch.
-func (a *Applier) queue(b *pgx.Batch, m pglogrepl.Message) error {
-	switch m := m.(type) {
-	case *pglogrepl.InsertMessage:
-		sql, args := a.upsert(m.Tuple)
-		b.Queue(sql, args...)
-	case *pglogrepl.UpdateMessage:
-		if m.OldTuple != nil { // the key changed: remove the row at the old key
-			sql, args := a.delete(m.OldTuple)
-			b.Queue(sql, args...)
-		}
-		sql, args := a.upsert(m.NewTuple)
-		b.Queue(sql, args...)
-	case *pglogrepl.DeleteMessage:
-		if m.OldTuple == nil {
-			return fmt.Errorf("a DELETE on %s came without its key (replica identity NOTHING?)", a.Mapping.Source)
-		}
-		sql, args := a.delete(m.OldTuple)
-		b.Queue(sql, args...)
-	}
-	return nil
-}
-
-// sourceRow renders blue's row from a tuple as a one-row subquery of typed
-// parameters. Unchanged TOASTed values ('u') are not in the stream: they are
-// taken from green's copy when a green column carries that blue column as it
-// is, else from blue's current row.
-func (a *Applier) sourceRow(t *pglogrepl.TupleData, keyOnly bool) (string, []any) {
-	var args []any
-	param := make([]int, len(a.SourceColumns)) // 1-based parameter of each text value
-	keyVals := map[string]int{}
-	for i, c := range a.SourceColumns {
-		if i < len(t.Columns) && t.Columns[i].DataType == pglogrepl.TupleDataTypeText {
-			args = append(args, string(t.Columns[i].Data))
-			param[i] = len(args)
-			keyVals[c.Name] = len(args)
-		}
-	}
-	var cols []string
-	for i, c := range a.SourceColumns {
-		if i >= len(t.Columns) {
-			break
-		}
-		switch t.Columns[i].DataType {
-		case pglogrepl.TupleDataTypeText:
-			cols = append(cols, fmt.Sprintf("$%d::text::%s AS %s", param[i], c.Type, pgsql.Ident(c.Name)))
-		case pglogrepl.TupleDataTypeNull:
-			if keyOnly {
-				continue
-			}
-			cols = append(cols, fmt.Sprintf("NULL::%s AS %s", c.Type, pgsql.Ident(c.Name)))
-		case pglogrepl.TupleDataTypeToast:
-			cols = append(cols, fmt.Sprintf("(%s)::%s AS %s", a.unchangedValue(c, keyVals), c.Type, pgsql.Ident(c.Name)))
-		}
-	}
-	return "(SELECT " + strings.Join(cols, ", ") + ")", args
-}
-
-// unchangedValue is SQL for the current value of an unchanged TOASTed column,
-// found by the row's key (bound as parameters already).
-func (a *Applier) unchangedValue(c pgmeta.Column, keyVals map[string]int) string {
-	m := a.Mapping
-	var conds []string
-	for _, k := range m.SourceKey {
-		if n, ok := keyVals[k]; ok {
-			conds = append(conds, fmt.Sprintf("%%s.%s = $%d::text::%s", pgsql.Ident(k), n, keyType(m, k)))
-		}
-	}
-	for _, gc := range m.Columns {
-		if gc.Source == c.Name {
-			return fmt.Sprintf("SELECT g.%s FROM ONLY %s AS g WHERE %s", pgsql.Ident(gc.Target), m.Target.Quoted(), fmtAll(conds, "g"))
-		}
-	}
-	return fmt.Sprintf("SELECT b.%s FROM ONLY %s AS b WHERE %s", pgsql.Ident(c.Name), m.Source.Quoted(), fmtAll(conds, "b"))
-}
-
-func keyType(m rowmap.Mapping, k string) string {
-	for i, s := range m.SourceKey {
-		if s == k {
-			return m.SourceKeyTypes[i]
-		}
-	}
-	return "text"
-}
-
-func fmtAll(conds []string, alias string) string {
-	if len(conds) == 0 {
-		return "false"
-	}
-	out := make([]string, len(conds))
-	for i, c := range conds {
-		out[i] = fmt.Sprintf(c, alias)
-	}
-	return strings.Join(out, " AND ")
-}
-
-func (a *Applier) upsert(t *pglogrepl.TupleData) (string, []any) {
-	return a.statement('u', t, false, func(row string) string {
-		m := a.Mapping
-		return m.InsertSelect(row) + " " + m.OnConflictUpdate()
-	})
-}
-
-func (a *Applier) delete(t *pglogrepl.TupleData) (string, []any) {
-	return a.statement('d', t, true, func(row string) string {
-		m := a.Mapping
-		return fmt.Sprintf("DELETE FROM ONLY %s AS t USING %s AS %s WHERE %s", m.Target.Quoted(), row, pgsql.Ident(m.Alias), m.MatchCondition("t"))
-	})
-}
-
-// statement returns the SQL for a change and its parameters. The SQL depends
-// only on the kind of change and on which columns are text, NULL or
-// unchanged, so it is built once per such shape (the hot path of the sync).
-func (a *Applier) statement(kind byte, t *pglogrepl.TupleData, keyOnly bool, build func(row string) string) (string, []any) {
-	shape := make([]byte, 0, len(t.Columns)+1)
-	shape = append(shape, kind)
-	args := make([]any, 0, len(t.Columns))
-	for _, c := range t.Columns {
-		shape = append(shape, c.DataType)
-		if c.DataType == pglogrepl.TupleDataTypeText {
-			args = append(args, string(c.Data))
-		}
-	}
-	a.stmtMu.Lock()
-	defer a.stmtMu.Unlock()
-	if sql, ok := a.stmts[string(shape)]; ok {
-		return sql, args
-	}
-	row, _ := a.sourceRow(t, keyOnly)
-	sql := build(row)
-	if a.stmts == nil {
-		a.stmts = map[string]string{}
-	}
-	a.stmts[string(shape)] = sql
-	return sql, args
 }
 
 // CheckRetainedWAL fails with ErrWALLimit when the slot holds more WAL than
