@@ -168,14 +168,8 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 				// A worker over the current limit takes no new range (one
 				// it holds is finished first, so no range waits on a worker
 				// that is not allowed to run).
-				if c.Pace != nil && w >= c.Pace(gctx).Workers {
-					if allTaken.Load() {
-						return nil
-					}
-					if err := retry.Sleep(gctx, 200*time.Millisecond); err != nil {
-						return err
-					}
-					continue
+				if turn, err := pace.WaitTurn(gctx, c.Pace, w, allTaken.Load); !turn {
+					return err
 				}
 				r, ok := <-work
 				if !ok {

@@ -122,14 +122,8 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 		g.Go(func() error {
 			for {
 				// A worker over the current pace takes no chunk.
-				if v.Pace != nil && w > 0 && w >= v.Pace(gctx).Workers {
-					if walked.Load() {
-						return nil // the others finish what is left
-					}
-					if err := retry.Sleep(gctx, 200*time.Millisecond); err != nil {
-						return err
-					}
-					continue
+				if turn, err := pace.WaitTurn(gctx, v.Pace, w, walked.Load); !turn {
+					return err
 				}
 				c, more := <-chunks
 				if !more {

@@ -57,6 +57,22 @@ func (p Pace) RestAfter(ctx context.Context, took time.Duration) error {
 // Func returns the pace to use now.
 type Func func(ctx context.Context) Pace
 
+// WaitTurn holds worker w (numbered from 0) while the pace allows fewer
+// workers than w+1. It reports false, without waiting further, once
+// handedOut says every piece of work was taken (the running workers finish
+// it); a nil f never holds anyone.
+func WaitTurn(ctx context.Context, f Func, w int, handedOut func() bool) (bool, error) {
+	for f != nil && w >= f(ctx).Workers {
+		if handedOut() {
+			return false, nil
+		}
+		if err := retry.Sleep(ctx, 200*time.Millisecond); err != nil {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
 // Full is the pace of work that never steps back.
 func Full(workers int) Func {
 	return func(context.Context) Pace { return Pace{Workers: max(workers, 1), Duty: 1} }
