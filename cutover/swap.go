@@ -32,6 +32,8 @@ type Blocker struct {
 	XactStart   *time.Time `json:"xact_start,omitempty"`
 	Query       string     `json:"query"`
 	Canceled    bool       `json:"canceled,omitempty"`
+	// Autovacuum is set for an autovacuum worker.
+	Autovacuum bool `json:"autovacuum,omitempty"`
 }
 
 func (b Blocker) String() string {
@@ -125,6 +127,8 @@ func Swap(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.QualifiedNa
 		a.Blockers, _ = blockers(ctx, pool, relations, res.queuedAt)
 		if opts.CancelBlockersAfter > 0 && time.Since(first) >= opts.CancelBlockersAfter {
 			cancelBlockers(ctx, pool, a.Blockers, opts.Log)
+		} else {
+			cancelAutovacuum(ctx, pool, a.Blockers, opts.Log)
 		}
 		if opts.OnAttempt != nil {
 			opts.OnAttempt(a)
@@ -220,7 +224,8 @@ func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.Qualifi
 		names[i] = r.Quoted()
 	}
 	rows, err := pool.Query(ctx, `
-		SELECT DISTINCT a.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), a.xact_start, coalesce(a.query, '')
+		SELECT DISTINCT a.pid, coalesce(a.usename, ''), coalesce(a.application_name, ''), coalesce(a.state, ''), a.xact_start, coalesce(a.query, ''),
+		       a.backend_type = 'autovacuum worker'
 		  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
 		 WHERE l.granted AND l.relation = ANY(SELECT to_regclass(n)::oid FROM unnest($1::text[]) n) AND a.pid <> pg_backend_pid()
 		   AND ($2::timestamptz IS NULL OR a.xact_start < $2)
@@ -230,9 +235,31 @@ func blockers(ctx context.Context, pool *pgxpool.Pool, relations []pgsql.Qualifi
 	}
 	return pgx.CollectRows(rows, func(r pgx.CollectableRow) (Blocker, error) {
 		var b Blocker
-		err := r.Scan(&b.PID, &b.User, &b.Application, &b.State, &b.XactStart, &b.Query)
+		err := r.Scan(&b.PID, &b.User, &b.Application, &b.State, &b.XactStart, &b.Query, &b.Autovacuum)
 		return b, err
 	})
+}
+
+// cancelAutovacuum cancels the autovacuum workers among the blockers, except
+// those preventing wraparound. PostgreSQL does the same for any session that
+// waits behind an autovacuum for deadlock_timeout (1 s by default); the swap's
+// lock_timeout is far shorter, so without this an autovacuum of a large table
+// holds the swap off for as long as it runs (40 s in the 8,000,000-row bench).
+// Canceling needs the right to signal it (superuser, in PostgreSQL 15); without
+// it the swap retries as before.
+func cancelAutovacuum(ctx context.Context, pool *pgxpool.Pool, bs []Blocker, log zerolog.Logger) {
+	for i, b := range bs {
+		if !b.Autovacuum || strings.Contains(b.Query, "to prevent wraparound") {
+			continue
+		}
+		var ok bool
+		if err := pool.QueryRow(ctx, "SELECT pg_cancel_backend($1)", b.PID).Scan(&ok); err != nil || !ok {
+			log.Debug().Int32("pid", b.PID).Err(err).Msg("could not cancel the autovacuum blocking the swap")
+			continue
+		}
+		bs[i].Canceled = true
+		log.Info().Int32("pid", b.PID).Str("blocker", b.String()).Msg("canceled an autovacuum blocking the swap (it runs again later)")
+	}
 }
 
 // cancelBlockers cancels each blocker's statement, or terminates its session

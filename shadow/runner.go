@@ -540,6 +540,18 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 			return fmt.Errorf("validate foreign key %s on green: %w", c.Name, err)
 		}
 	}
+	// Vacuum and analyze green before it can serve. ANALYZE: the planner
+	// knows nothing of a freshly loaded table. VACUUM: the bulk copy makes
+	// autovacuum pick green soon after, and an autovacuum holding green
+	// blocks the swap's lock (its lock_timeout is far below the deadlock
+	// timeout after which PostgreSQL would cancel the autovacuum): in the
+	// 8,000,000-row bench the cutover retried for 40 s behind one. SKIP_LOCKED:
+	// when an autovacuum is already at it, it does the same work.
+	start := time.Now()
+	if _, err := conn.Exec(ctx, "VACUUM (ANALYZE, SKIP_LOCKED) "+green.Quoted()); err != nil {
+		return fmt.Errorf("vacuum green %s: %w", green, err)
+	}
+	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("green vacuumed and analyzed")
 	return nil
 }
 
