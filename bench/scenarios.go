@@ -52,6 +52,22 @@ func (b *bench) runAll(ctx context.Context) (*results, error) {
 	return r, nil
 }
 
+// underLoad starts the workload called name and lets it run through its
+// reference window (the ratios' denominator); it returns the workload and
+// when that window began.
+func (b *bench) underLoad(ctx context.Context, name string) (*workload, time.Time, error) {
+	w, err := b.startWorkload(ctx, name)
+	if err != nil {
+		return nil, time.Time{}, err
+	}
+	tPre := time.Now()
+	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
+		w.kill()
+		return nil, time.Time{}, err
+	}
+	return w, tPre, nil
+}
+
 // loadAvg is the machine's 1-minute load average (0 when unknown).
 func loadAvg() float64 {
 	var la float64
@@ -254,7 +270,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	// Under load.
 	loadID := "bench-" + mode + "-load"
 	b.dirty = true
-	w, err := b.startWorkload(ctx, "shadowctl-"+mode)
+	w, tPre, err := b.underLoad(ctx, "shadowctl-"+mode)
 	if err != nil {
 		return err
 	}
@@ -266,10 +282,6 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	if mode == "logical" {
 		pollWG.Add(1)
 		go func() { defer pollWG.Done(); b.pollLag(pollCtx, loadID, lag) }()
-	}
-	tPre := time.Now()
-	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
-		return err
 	}
 	logf("%s: start under load", mode)
 	t0 := time.Now()
@@ -502,15 +514,11 @@ func (b *bench) repack(ctx context.Context, r *results) error {
 		return fail(fmt.Sprintf("CREATE EXTENSION pg_repack: %v", err))
 	}
 	b.dirty = true
-	w, err := b.startWorkload(ctx, "repack")
+	w, tPre, err := b.underLoad(ctx, "repack")
 	if err != nil {
 		return err
 	}
 	defer w.kill()
-	tPre := time.Now()
-	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
-		return err
-	}
 	t0 := time.Now()
 	cmd := exec.CommandContext(ctx, bin, "-h", b.host, "-p", strconv.Itoa(int(b.port)), "-U", "postgres",
 		"-d", benchDB, "--table", "public.orders")
@@ -588,15 +596,11 @@ func (b *bench) offlineAlter(ctx context.Context, r *results) error {
 		return err
 	}
 	b.dirty = true
-	w, err := b.startWorkload(ctx, "offline-alter")
+	w, tPre, err := b.underLoad(ctx, "offline-alter")
 	if err != nil {
 		return err
 	}
 	defer w.kill()
-	tPre := time.Now()
-	if err := w.hold(ctx, b.cfg.SyncWin); err != nil {
-		return err
-	}
 	t0 := time.Now()
 	_, aerr := b.pool.Exec(ctx, "ALTER TABLE public.orders "+alterSpec)
 	t1 := time.Now()
