@@ -80,27 +80,8 @@ func TestIssue4GrantsAndRLS(t *testing.T) {
 			}
 		}
 	}
-	stage := func(name string, fn func() (*shadow.Migration, error), want shadow.Phase, serving string) {
-		t.Helper()
-		w.waitOps(50)
-		m, err := fn()
-		if err != nil {
-			t.Fatalf("%s: %v", name, err)
-		}
-		if m.Phase != want {
-			t.Fatalf("%s: phase %s, want %s", name, m.Phase, want)
-		}
-		if want != shadow.Finalized {
-			db.assertServes(id, orders, want, serving)
-		}
-		check(name)
-	}
 	check("before cutover")
-	opts := shadow.CutoverOptions{}
-	stage("cutover", func() (*shadow.Migration, error) { return db.Runner.Cutover(ctx, id, opts) }, shadow.CutOver, "green")
-	stage("rollback", func() (*shadow.Migration, error) { return db.Runner.Rollback(ctx, id, opts) }, shadow.RolledBack, "blue")
-	stage("cutover again", func() (*shadow.Migration, error) { return db.Runner.Cutover(ctx, id, opts) }, shadow.CutOver, "green")
-	stage("finalize", func() (*shadow.Migration, error) { return db.Runner.Finalize(ctx, id, 0, true, opts) }, shadow.Finalized, "")
+	db.walkSwaps(id, orders, w, func(stage, _ string) { check(stage) })
 
 	// After finalize the table itself carries the policy, enabled.
 	if !scalar[bool](db, `SELECT relrowsecurity FROM pg_class WHERE oid = 'public.orders'::regclass`) {

@@ -136,3 +136,40 @@ func (db *testDB) app() *testDB {
 }
 
 func timeNow() time.Time { return time.Now() }
+
+// walkSwaps drives a ready migration through cutover, rollback, cutover again
+// and finalize. Before each step it lets w (when not nil) make progress;
+// after it, it asserts the phase and which side serves table, then calls
+// after with the step's name and the side that serves ("" once finalized).
+func (db *testDB) walkSwaps(id string, table pgsql.QualifiedName, w *workload, after func(stage, serving string)) {
+	db.t.Helper()
+	ctx := context.Background()
+	opts := shadow.CutoverOptions{}
+	steps := []struct {
+		name    string
+		fn      func() (*shadow.Migration, error)
+		want    shadow.Phase
+		serving string
+	}{
+		{"cutover", func() (*shadow.Migration, error) { return db.Runner.Cutover(ctx, id, opts) }, shadow.CutOver, "green"},
+		{"rollback", func() (*shadow.Migration, error) { return db.Runner.Rollback(ctx, id, opts) }, shadow.RolledBack, "blue"},
+		{"cutover again", func() (*shadow.Migration, error) { return db.Runner.Cutover(ctx, id, opts) }, shadow.CutOver, "green"},
+		{"finalize", func() (*shadow.Migration, error) { return db.Runner.Finalize(ctx, id, 0, true, opts) }, shadow.Finalized, ""},
+	}
+	for _, s := range steps {
+		if w != nil {
+			w.waitOps(50)
+		}
+		m, err := s.fn()
+		if err != nil {
+			db.t.Fatalf("%s: %v", s.name, err)
+		}
+		if m.Phase != s.want {
+			db.t.Fatalf("%s: phase %s, want %s", s.name, m.Phase, s.want)
+		}
+		if s.want != shadow.Finalized {
+			db.assertServes(id, table, s.want, s.serving)
+		}
+		after(s.name, s.serving)
+	}
+}

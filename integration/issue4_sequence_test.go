@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/shadowctl/shadowctl/internal/pgsql"
-	"github.com/shadowctl/shadowctl/shadow"
 )
 
 // createOrdersWithID is createOrders with the id column declared as idDef.
@@ -104,29 +103,8 @@ func TestIssue4SequencesAcrossLifecycle(t *testing.T) {
 					t.Fatalf("%s: %d of the %d rows inserted with default ids are in public.orders", stage, n, len(mine))
 				}
 			}
-			step := func(name string, fn func() (*shadow.Migration, error), want shadow.Phase, serving string) {
-				t.Helper()
-				if w != nil {
-					w.waitOps(50)
-				}
-				m, err := fn()
-				if err != nil {
-					t.Fatalf("%s: %v", name, err)
-				}
-				if m.Phase != want {
-					t.Fatalf("%s: phase %s, want %s", name, m.Phase, want)
-				}
-				if want != shadow.Finalized {
-					db.assertServes(id, orders, want, serving)
-				}
-				insert(name)
-			}
 			insert("ready")
-			opts := shadow.CutoverOptions{}
-			step("cutover", func() (*shadow.Migration, error) { return db.Runner.Cutover(ctx, id, opts) }, shadow.CutOver, "green")
-			step("rollback", func() (*shadow.Migration, error) { return db.Runner.Rollback(ctx, id, opts) }, shadow.RolledBack, "blue")
-			step("cutover again", func() (*shadow.Migration, error) { return db.Runner.Cutover(ctx, id, opts) }, shadow.CutOver, "green")
-			step("finalize", func() (*shadow.Migration, error) { return db.Runner.Finalize(ctx, id, 0, true, opts) }, shadow.Finalized, "")
+			db.walkSwaps(id, orders, w, func(stage, _ string) { insert(stage) })
 
 			// The sequence outlived blue, is the column's, and is owned by the
 			// table (so dropping the table would drop it, and nothing else

@@ -127,45 +127,15 @@ func lex(src string) ([]token, error) {
 			if backslash {
 				i++
 			}
-			i++
-			closed := false
-			for i < n {
-				if backslash && src[i] == '\\' {
-					i += 2
-					continue
-				}
-				if src[i] == '\'' {
-					if i+1 < n && src[i+1] == '\'' {
-						i += 2
-						continue
-					}
-					i++
-					closed = true
-					break
-				}
-				i++
-			}
-			if !closed {
+			var closed bool
+			if i, closed = scanQuoted(src, i+1, '\'', backslash); !closed {
 				return nil, fmt.Errorf("line %d: string literal: %w", lineAt(start), ErrUnterminated)
 			}
 			toks = append(toks, token{kind: tString, start: start, end: i, text: src[start:i]})
 		case c == '"':
 			start := i
-			i++
-			closed := false
-			for i < n {
-				if src[i] == '"' {
-					if i+1 < n && src[i+1] == '"' {
-						i += 2
-						continue
-					}
-					i++
-					closed = true
-					break
-				}
-				i++
-			}
-			if !closed {
+			var closed bool
+			if i, closed = scanQuoted(src, i+1, '"', false); !closed {
 				return nil, fmt.Errorf("line %d: quoted identifier: %w", lineAt(start), ErrUnterminated)
 			}
 			toks = append(toks, token{kind: tQIdent, start: start, end: i, text: src[start:i]})
@@ -425,4 +395,24 @@ func (s Statement) txControl() string {
 		return "other"
 	}
 	return ""
+}
+
+// scanQuoted reads the body of a literal quoted by q from i (just past the
+// opening quote): a doubled q stands for itself and, with backslash (the
+// E-prefixed strings), a backslash escapes the next byte. It returns the index just past
+// the closing quote, and false when there is none.
+func scanQuoted(src string, i int, q byte, backslash bool) (int, bool) {
+	for n := len(src); i < n; i++ {
+		switch {
+		case backslash && src[i] == '\\':
+			i++
+		case src[i] == q:
+			if i+1 < n && src[i+1] == q {
+				i++
+				continue
+			}
+			return i + 1, true
+		}
+	}
+	return i, false
 }
