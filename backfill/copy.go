@@ -69,14 +69,9 @@ type Copier struct {
 	// Failpoint, when set, runs inside each batch's transaction after the rows
 	// were read and written and before the commit (tests use it to interleave).
 	Failpoint func(ctx context.Context, r Range) error
-	// Snapshot, when set, is an exported snapshot every batch reads blue in
-	// (logical sync: the slot's snapshot). Rows are then not locked: nothing
-	// writes green until the copy is done, and the stream applies every change
-	// made after the snapshot.
-	Snapshot string
-	// NoLock leaves blue's rows unlocked without a snapshot (logical sync
-	// resumed after the snapshot was lost: the stream's idempotent replay
-	// converges green).
+	// NoLock leaves blue's rows unlocked (logical sync: nothing writes green
+	// until the copy is done, and the stream, replayed afterwards from the
+	// slot's start, converges green whatever moment each batch read).
 	NoLock bool
 	// StartFailpoint, when set, runs inside each batch's transaction before
 	// the batch statement reads anything (tests use it to interleave).
@@ -214,16 +209,7 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		var n, inserted int64
 		var last []string
 		err := c.retry(ctx, func() error {
-			opts := pgx.TxOptions{}
-			if c.Snapshot != "" {
-				opts.IsoLevel = pgx.RepeatableRead
-			}
-			return pgx.BeginTxFunc(ctx, c.Pool, opts, func(tx pgx.Tx) error {
-				if c.Snapshot != "" {
-					if _, err := tx.Exec(ctx, "SET TRANSACTION SNAPSHOT "+pgsql.Literal(c.Snapshot)); err != nil {
-						return fmt.Errorf("import the slot's snapshot: %w", err)
-					}
-				}
+			return pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error {
 				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
 					return err
 				}
@@ -254,25 +240,9 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 						return err
 					}
 				}
-				if c.Snapshot != "" {
-					// A transaction in the old snapshot cannot update the
-					// checkpoint rows written since: save it after the commit.
-					// Replaying a batch whose checkpoint was lost is harmless
-					// (ON CONFLICT DO NOTHING).
-					return nil
-				}
 				return cp.SaveRange(ctx, tx, next)
 			})
 		})
-		if err == nil && c.Snapshot != "" {
-			next := r
-			next.Rows += n
-			if n > 0 {
-				next.Last = last
-			}
-			next.Done = n < int64(size)
-			err = pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error { return cp.SaveRange(ctx, tx, next) })
-		}
 		if err != nil {
 			if isDataError(err) {
 				return c.explainBadRow(ctx, r, size, err)
@@ -420,7 +390,7 @@ func (c *Copier) batchSQL(r Range, withLower bool, form batchForm) string {
 		lastArr[i] = keysCTE + "." + pgsql.Ident(k) + "::text"
 	}
 	lock := " FOR KEY SHARE OF " + pgsql.Ident(m.Alias)
-	if c.Snapshot != "" || c.NoLock {
+	if c.NoLock {
 		lock = ""
 	}
 	conflict := ""

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	gosync "sync"
 	"time"
 
 	"github.com/jackc/pglogrepl"
@@ -30,36 +29,6 @@ func (m *Migration) logical() bool { return m.Sync == SyncLogical && !m.State.Lo
 func (m *Migration) LogicalActive() bool { return m.logical() }
 
 func slotNameFor(p *Plan) string { return "shadowctl_" + p.Names.Base }
-
-// slots holds the exporting connections of slots created by this process,
-// whose snapshots the copy reads in.
-type slotRegistry struct {
-	mu    gosync.Mutex
-	slots map[string]*sync.Slot
-}
-
-func (s *slotRegistry) put(id string, sl *sync.Slot) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.slots == nil {
-		s.slots = map[string]*sync.Slot{}
-	}
-	s.slots[id] = sl
-}
-
-func (s *slotRegistry) get(id string) *sync.Slot {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.slots[id]
-}
-
-func (s *slotRegistry) close(ctx context.Context, id string) {
-	s.mu.Lock()
-	sl := s.slots[id]
-	delete(s.slots, id)
-	s.mu.Unlock()
-	sl.Close(ctx)
-}
 
 // preflightLogical names each missing precondition with its fix.
 func (r *Runner) preflightLogical(ctx context.Context, blue *pgmeta.Table) error {
@@ -104,10 +73,10 @@ func (r *Runner) preflightLogical(ctx context.Context, blue *pgmeta.Table) error
 	return nil
 }
 
-// prepareLogical creates the publication and the slot (exporting the
-// snapshot the copy reads in), records the starting position and the copy's
-// ranges, and moves to copying. Repeatable: a half-done attempt's slot is
-// dropped and made again (nothing was copied yet).
+// prepareLogical creates the publication and the slot, records the starting
+// position and the copy's ranges, and moves to copying. Repeatable: a
+// half-done attempt's slot is dropped and made again (nothing was copied
+// yet).
 func (r *Runner) prepareLogical(ctx context.Context, m *Migration) error {
 	p := m.State.Plan
 	name := slotNameFor(p)
@@ -125,7 +94,6 @@ func (r *Runner) prepareLogical(ctx context.Context, m *Migration) error {
 	if err != nil {
 		return fmt.Errorf("%w (the migration can be resumed or aborted)", err)
 	}
-	r.slots.put(m.ID, slot)
 	m.State.Slot, m.State.Publication = name, name
 	return pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, `INSERT INTO `+r.Store.Cat.T("sync_positions")+` (migration_id, slot_name, applied_lsn)
@@ -310,7 +278,6 @@ func (r *Runner) removeLogical(ctx context.Context, m *Migration, name string) e
 	if name == "" {
 		return nil
 	}
-	r.slots.close(ctx, m.ID)
 	if err := sync.DropSlot(ctx, r.Pool, name); err != nil {
 		return err
 	}

@@ -54,13 +54,11 @@ type Runner struct {
 	// ClaimWait is how long Drive waits for another driver of the same
 	// migration to let go before failing with ErrClaimed (default 30s).
 	ClaimWait time.Duration
-
-	slots *slotRegistry // shared by copies of the runner
 }
 
 // NewRunner returns a runner over the catalog cat.
 func NewRunner(pool *pgxpool.Pool, cat catalog.Catalog, log zerolog.Logger) *Runner {
-	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log, slots: &slotRegistry{}}
+	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log}
 }
 
 // Submit checks a request against the database (nothing is created if it is
@@ -422,16 +420,10 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 		StartFailpoint: r.Failpoints.CopyBatchStart,
 	}
 	c.MaxRowsPerSecond.Store(int64(m.Request.MaxRowsPerSecond))
-	if m.logical() {
-		if sl := r.slots.get(m.ID); sl != nil {
-			c.Snapshot = sl.Snapshot
-		} else {
-			// Resumed in another process: the exported snapshot is gone. The
-			// rest is copied from current data and the stream, replayed from
-			// the slot's start, converges green (its apply is idempotent).
-			c.NoLock = true
-		}
-	}
+	// Logical sync: the copy reads blue's current rows, unlocked, and the
+	// stream replayed from the slot's start converges green (docs/logical.md,
+	// "Initial copy").
+	c.NoLock = m.logical()
 	c.Gate = func(ctx context.Context) error {
 		if m.logical() && m.State.Slot != "" {
 			if err := sync.CheckRetainedWAL(ctx, r.Pool, m.State.Slot, m.Request.MaxRetainedWAL); err != nil {
@@ -463,13 +455,9 @@ func (r *Runner) copy(ctx context.Context, m *Migration) error {
 	}
 	start := time.Now()
 	c := r.copier(m)
-	if c.NoLock && m.logical() {
-		r.Log.Warn().Str("migration", m.ID).Msg("the slot's snapshot is gone (the copy was resumed in a new process): copying the rest from current data; the stream's replay converges green")
-	}
 	if err := c.Run(ctx, ranges, rangeCheckpointer{s: r.Store, id: m.ID}); err != nil {
 		return err
 	}
-	r.slots.close(ctx, m.ID) // the snapshot is no longer needed
 	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("bulk copy done")
 	return pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
 		return r.Store.SetPhase(ctx, tx, m.ID, []Phase{Copying}, Verifying, "")
