@@ -205,13 +205,21 @@ func (r *Runner) Follow(ctx context.Context, id string) error {
 // only decodes flushed WAL), and it comes after every transaction that
 // committed before it — in particular, once the caller holds a lock that
 // keeps writers off blue, after every write to blue.
-func (r *Runner) catchUp(ctx context.Context, m *Migration, total, stall time.Duration) error {
+//
+// urgent (the swap's catch-ups) also tells the applier to read the stream
+// as it comes for a while, instead of in gulps: the application is, or is
+// about to be, held back while it waits.
+func (r *Runner) catchUp(ctx context.Context, m *Migration, total, stall time.Duration, urgent bool) error {
+	content := m.ID
+	if urgent {
+		content = sync.UrgentMarker + m.ID
+	}
 	var mark string
 	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
 		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
 			return err
 		}
-		return tx.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, $2)::text`, sync.MarkerPrefix, m.ID).Scan(&mark)
+		return tx.QueryRow(ctx, `SELECT pg_logical_emit_message(true, $1, $2)::text`, sync.MarkerPrefix, content).Scan(&mark)
 	})
 	if err != nil {
 		return fmt.Errorf("mark the WAL: %w", err)

@@ -467,7 +467,9 @@ func (r *Runner) copy(ctx context.Context, m *Migration) error {
 // buildDeferred creates green's secondary indexes CONCURRENTLY (a plain
 // CREATE INDEX would block the sync, and through it the application), then
 // the constraints they back, then the foreign keys NOT VALID and validated.
-func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
+// While the application is busy (pc), each build and the vacuum run gently:
+// no parallel workers, and the vacuum with autovacuum's cost delay.
+func (r *Runner) buildDeferred(ctx context.Context, m *Migration, pc pace.Func) error {
 	p := m.State.Plan
 	green := p.Forward.Target
 	conn, err := r.Pool.Acquire(ctx)
@@ -475,8 +477,23 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 		return err
 	}
 	defer conn.Release()
+	defer func() {
+		// The connection goes back to the pool.
+		_, _ = conn.Exec(context.WithoutCancel(ctx), "RESET max_parallel_maintenance_workers; RESET vacuum_cost_delay")
+	}()
+	gentle := func() error {
+		workers, delay := "DEFAULT", "DEFAULT"
+		if pc != nil && pc(ctx).Busy {
+			workers, delay = "0", "'2ms'"
+		}
+		_, err := conn.Exec(ctx, "SET max_parallel_maintenance_workers = "+workers+"; SET vacuum_cost_delay = "+delay)
+		return err
+	}
 	for _, ix := range p.DeferredIndexes {
 		start := time.Now()
+		if err := gentle(); err != nil {
+			return err
+		}
 		// A concurrent build killed halfway leaves an INVALID index: drop it.
 		var valid *bool
 		if err := conn.QueryRow(ctx, `SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)`,
@@ -536,6 +553,9 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 	// 8,000,000-row bench the cutover retried for 40 s behind one. SKIP_LOCKED:
 	// when an autovacuum is already at it, it does the same work.
 	start := time.Now()
+	if err := gentle(); err != nil {
+		return err
+	}
 	if _, err := conn.Exec(ctx, "VACUUM (ANALYZE, SKIP_LOCKED) "+green.Quoted()); err != nil {
 		return fmt.Errorf("vacuum green %s: %w", green, err)
 	}
@@ -553,10 +573,11 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 // (the builds are idempotent).
 func (r *Runner) verify(ctx context.Context, m *Migration) error {
 	g, gctx := errgroup.WithContext(ctx)
+	pc := r.pace(m) // one view of the application's load for both
 	if !m.State.IndexesBuilt {
-		g.Go(func() error { return r.buildDeferred(gctx, m) })
+		g.Go(func() error { return r.buildDeferred(gctx, m, pc) })
 	}
-	g.Go(func() error { return r.compare(gctx, m) })
+	g.Go(func() error { return r.compare(gctx, m, pc) })
 	if err := g.Wait(); err != nil {
 		return err
 	}
@@ -572,18 +593,19 @@ func (r *Runner) verify(ctx context.Context, m *Migration) error {
 	return r.afterPhase(ctx, Ready)
 }
 
-// compare is verify's comparison of green with blue.
-func (r *Runner) compare(ctx context.Context, m *Migration) error {
+// compare is verify's comparison of green with blue, paced by pc.
+func (r *Runner) compare(ctx context.Context, m *Migration, pc pace.Func) error {
 	v := r.verifier(m)
+	v.Pace = pc
 	if m.logical() {
 		stop := r.ensureFollower(ctx, m)
 		defer stop()
 		// First apply the backlog of the copy (every change made while it
 		// ran), however long it takes; per-chunk catch-ups are then short.
-		if err := r.catchUp(ctx, m, 0, time.Minute); err != nil {
+		if err := r.catchUp(ctx, m, 0, time.Minute, false); err != nil {
 			return err
 		}
-		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, 30*time.Second) }
+		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, 30*time.Second, false) }
 		// Smaller chunks: with an asynchronous sync a chunk that is written
 		// to while compared is compared again, so hot chunks should be small.
 		v.ChunkRows = 5000

@@ -170,7 +170,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 	if logical {
 		// Drain the backlog before taking any lock, so that under the lock
 		// only the last moments' changes are left to apply.
-		if err := r.catchUp(ctx, m, 0, time.Minute); err != nil {
+		if err := r.catchUp(ctx, m, 0, time.Minute, true); err != nil {
 			_ = r.Store.SetPhase(context.WithoutCancel(ctx), r.Pool, id, []Phase{CuttingOver}, prev, "")
 			return m, fmt.Errorf("cutover of %s: %w", id, err)
 		}
@@ -180,7 +180,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		if logical {
 			// Blue takes no writes now: mark the WAL and let green apply
 			// everything before the mark, within the stall budget.
-			if err := r.catchUp(ctx, m, stall, stall); err != nil {
+			if err := r.catchUp(ctx, m, stall, stall, true); err != nil {
 				return err
 			}
 			for _, rel := range lockAfterDrain {

@@ -42,8 +42,14 @@ var (
 	ErrWALLimit        = errors.New("the replication slot retains more WAL than allowed")
 )
 
-// MarkerPrefix is the logical-decoding message prefix of cutover markers.
-const MarkerPrefix = "shadowctl"
+// MarkerPrefix is the logical-decoding message prefix of catch-up markers:
+// the applier commits everything before one at once. A marker whose content
+// starts with UrgentMarker also makes it read the stream without gulping
+// for a while (see gulp.go): the application is held back, or soon will be.
+const (
+	MarkerPrefix = "shadowctl"
+	UrgentMarker = "urgent "
+)
 
 // Slot is a freshly created replication slot.
 type Slot struct {
@@ -454,9 +460,9 @@ func (a *Applier) Run(ctx context.Context) error {
 				if m.Prefix != MarkerPrefix {
 					continue
 				}
-				// Somebody waits on this marker, maybe with the
+				// A cutover waits on this marker, maybe with the
 				// application held back: read the next ones at once.
-				if g := sock(); g != nil {
+				if g := sock(); g != nil && strings.HasPrefix(string(m.Content), UrgentMarker) {
 					g.Eager(eagerAfterMarker)
 				}
 				// Everything committed before the marker has been received:
