@@ -122,7 +122,8 @@ func (r *Runner) applier(m *Migration) *sync.Applier {
 	return &sync.Applier{
 		ReplConfig: sync.ReplicationConfig(r.ConnConfig), Pool: r.Pool, Slot: m.State.Slot, Publication: m.State.Publication,
 		Mapping: p.Forward, SourceColumns: p.Blue.Columns, MaxRetainedWAL: m.Request.MaxRetainedWAL,
-		Log: r.Log.With().Str("migration", m.ID).Logger(),
+		Log:  r.Log.With().Str("migration", m.ID).Logger(),
+		Pace: r.pace(m),
 		LoadPosition: func(ctx context.Context) (pglogrepl.LSN, error) {
 			var s string
 			if err := r.Pool.QueryRow(ctx, `SELECT applied_lsn::text FROM `+cat.T("sync_positions")+` WHERE migration_id = $1`, m.ID).Scan(&s); err != nil {

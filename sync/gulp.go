@@ -15,9 +15,9 @@ package sync
 // (SO_RCVLOWAT) is raised: the kernel wakes the reader only once gulpBytes
 // have arrived, or when readPause has passed since the read began, whichever
 // is first. A quiet stream is read as it comes (the mark is back at one
-// byte), and so is everything for a few seconds after a marker (a catch-up
-// or a cutover waits on it, the application possibly held back meanwhile).
-// A backlog is read as fast as ever: the mark is reached at once.
+// byte), and so is everything for a while after an urgent marker (a
+// cutover waits on it, the application held back meanwhile). A backlog is
+// read as fast as ever: the mark is reached at once.
 
 import (
 	"context"
@@ -38,8 +38,9 @@ const (
 	// gulpBytes is the low-water mark while busy (pgconn reads 8 KiB at a
 	// time; a wake-up then serves about 100 small upstream transactions).
 	gulpBytes = 8 << 10
-	// eagerAfterMarker: how long reads stay immediate after a marker.
-	eagerAfterMarker = 5 * time.Second
+	// eagerAfterMarker: how long reads stay immediate (and the apply unpaced)
+	// after an urgent marker: long enough for a swap retrying its lock.
+	eagerAfterMarker = 30 * time.Second
 )
 
 // gulpConn is the replication connection's socket, read in gulps while the

@@ -29,6 +29,7 @@ import (
 	"github.com/jackc/pgx/v5/pgproto3"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
+	"github.com/shadowctl/shadowctl/internal/pace"
 	"github.com/shadowctl/shadowctl/internal/pgmeta"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/internal/retry"
@@ -141,10 +142,19 @@ type Applier struct {
 	// transaction commits (grouping small upstream transactions); default
 	// DefaultFlushEvery. A marker commits at once, whatever it says.
 	FlushEvery time.Duration
-	Log        zerolog.Logger
+	// Pace, when set, paces the apply while the application is busy: after
+	// each piece green applied, the writer rests in proportion, so the
+	// reader stops reading and the WAL sender, once the socket is full,
+	// stops decoding. It matters for a backlog (the copy's), which would
+	// otherwise be drained flat out on the application's cores. An urgent
+	// marker (the swap) suspends it.
+	Pace pace.Func
+	Log  zerolog.Logger
 
 	applied    atomic.Uint64
 	lastCommit atomic.Int64 // unix nanos of the last applied upstream commit
+	urgentTill atomic.Int64 // unix nanos: no rests before this (urgent marker)
+	urgent     chan struct{} // wakes a resting writer for an urgent marker
 	serverEnd  atomic.Uint64
 	caughtUp   atomic.Bool
 	changes    atomic.Int64
@@ -235,6 +245,7 @@ func (a *Applier) Run(ctx context.Context) error {
 	if a.FlushEvery <= 0 {
 		a.FlushEvery = DefaultFlushEvery
 	}
+	a.urgent = make(chan struct{}, 1)
 	if err := a.planGrouping(ctx); err != nil {
 		return err
 	}
@@ -462,8 +473,15 @@ func (a *Applier) Run(ctx context.Context) error {
 				}
 				// A cutover waits on this marker, maybe with the
 				// application held back: read the next ones at once.
-				if g := sock(); g != nil && strings.HasPrefix(string(m.Content), UrgentMarker) {
-					g.Eager(eagerAfterMarker)
+				if strings.HasPrefix(string(m.Content), UrgentMarker) {
+					a.urgentTill.Store(time.Now().Add(eagerAfterMarker).UnixNano())
+					select {
+					case a.urgent <- struct{}{}:
+					default:
+					}
+					if g := sock(); g != nil {
+						g.Eager(eagerAfterMarker)
+					}
 				}
 				// Everything committed before the marker has been received:
 				// commit it and record the marker's position as applied.
@@ -489,6 +507,7 @@ func (a *Applier) write(ctx context.Context, queue <-chan work, outstanding *ato
 		}
 	}()
 	for w := range queue {
+		started := time.Now()
 		b := &pgx.Batch{}
 		if tx == nil && (len(w.stmts) > 0 || w.commit) {
 			if tx, err = a.Pool.Begin(ctx); err != nil {
@@ -526,8 +545,34 @@ func (a *Applier) write(ctx context.Context, queue <-chan work, outstanding *ato
 			a.applied.Store(uint64(max(w.marker, a.Applied())))
 		}
 		outstanding.Add(-1)
+		if err := a.rest(ctx, time.Since(started)); err != nil {
+			return err
+		}
 	}
 	return nil
+}
+
+// rest paces the writer after a piece that took took (see Pace); an urgent
+// marker read meanwhile ends the rest.
+func (a *Applier) rest(ctx context.Context, took time.Duration) error {
+	if a.Pace == nil || time.Now().UnixNano() < a.urgentTill.Load() {
+		return nil
+	}
+	p := a.Pace(ctx)
+	d := p.Rest(took)
+	if !p.Busy || d <= 0 {
+		return nil
+	}
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-a.urgent:
+		return nil
+	case <-t.C:
+		return nil
+	}
 }
 
 func (a *Applier) savePositionNow(ctx context.Context, lsn pglogrepl.LSN) error {
