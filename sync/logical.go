@@ -152,8 +152,8 @@ type Applier struct {
 	Log  zerolog.Logger
 
 	applied    atomic.Uint64
-	lastCommit atomic.Int64 // unix nanos of the last applied upstream commit
-	urgentTill atomic.Int64 // unix nanos: no rests before this (urgent marker)
+	lastCommit atomic.Int64  // unix nanos of the last applied upstream commit
+	urgentTill atomic.Int64  // unix nanos: no rests before this (urgent marker)
 	urgent     chan struct{} // wakes a resting writer for an urgent marker
 	serverEnd  atomic.Uint64
 	caughtUp   atomic.Bool
