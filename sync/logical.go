@@ -146,18 +146,19 @@ type Applier struct {
 	// each piece green applied, the writer rests in proportion, so the
 	// reader stops reading and the WAL sender, once the socket is full,
 	// stops decoding. It matters for a backlog (the copy's), which would
-	// otherwise be drained flat out on the application's cores. An urgent
-	// marker (the swap) suspends it.
+	// otherwise be drained flat out on the application's cores. While
+	// markers come (a verification or a swap waits on the apply) there is
+	// no pace, and green commits every awaitedFlushEvery.
 	Pace pace.Func
 	Log  zerolog.Logger
 
-	applied    atomic.Uint64
-	lastCommit atomic.Int64  // unix nanos of the last applied upstream commit
-	urgentTill atomic.Int64  // unix nanos: no rests before this (urgent marker)
-	urgent     chan struct{} // wakes a resting writer for an urgent marker
-	serverEnd  atomic.Uint64
-	caughtUp   atomic.Bool
-	changes    atomic.Int64
+	applied     atomic.Uint64
+	lastCommit  atomic.Int64  // unix nanos of the last applied upstream commit
+	awaitedTill atomic.Int64  // unix nanos: somebody waits on the apply (markers)
+	awaited     chan struct{} // wakes a resting writer for a marker
+	serverEnd   atomic.Uint64
+	caughtUp    atomic.Bool
+	changes     atomic.Int64
 
 	// Set by planGrouping: the key's columns in SourceColumns, whether
 	// changes of different keys may share a statement, whether a repeated
@@ -221,6 +222,17 @@ type work struct {
 // at once.
 const DefaultFlushEvery = 200 * time.Millisecond
 
+const (
+	// awaitedFor: after a marker, the apply counts as awaited this long (a
+	// verification sends one per chunk it finds behind); after an urgent
+	// marker, eagerAfterMarker.
+	awaitedFor = 2 * time.Second
+	// awaitedFlushEvery: the commit interval while awaited. A verification
+	// compares a chunk of blue with green as green has it: the shorter
+	// green's lag, the fewer chunks it finds behind and compares again.
+	awaitedFlushEvery = 50 * time.Millisecond
+)
+
 // Sizes of the green transaction during a backlog (measured with
 // integration.BenchmarkLogicalApply; see docs/logical.md).
 const (
@@ -245,7 +257,7 @@ func (a *Applier) Run(ctx context.Context) error {
 	if a.FlushEvery <= 0 {
 		a.FlushEvery = DefaultFlushEvery
 	}
-	a.urgent = make(chan struct{}, 1)
+	a.awaited = make(chan struct{}, 1)
 	if err := a.planGrouping(ctx); err != nil {
 		return err
 	}
@@ -357,14 +369,18 @@ func (a *Applier) Run(ctx context.Context) error {
 				return err
 			}
 		}
-		if cur != nil && !inTx && time.Since(cur.opened) >= a.FlushEvery {
+		flushEvery := a.FlushEvery
+		if a.isAwaited() {
+			flushEvery = min(flushEvery, awaitedFlushEvery)
+		}
+		if cur != nil && !inTx && time.Since(cur.opened) >= flushEvery {
 			if err := flush(); err != nil {
 				return err
 			}
 		}
 		until := nextStatus
-		if cur != nil && !inTx && cur.opened.Add(a.FlushEvery).Before(until) {
-			until = cur.opened.Add(a.FlushEvery)
+		if cur != nil && !inTx && cur.opened.Add(flushEvery).Before(until) {
+			until = cur.opened.Add(flushEvery)
 		}
 		if soon := time.Now().Add(time.Millisecond); until.Before(soon) {
 			until = soon
@@ -471,17 +487,20 @@ func (a *Applier) Run(ctx context.Context) error {
 				if m.Prefix != MarkerPrefix {
 					continue
 				}
-				// A cutover waits on this marker, maybe with the
-				// application held back: read the next ones at once.
+				// Somebody waits on this marker: no pace for a while. A
+				// cutover, maybe with the application held back, also
+				// has the next ones read at once.
+				awaited := awaitedFor
 				if strings.HasPrefix(string(m.Content), UrgentMarker) {
-					a.urgentTill.Store(time.Now().Add(eagerAfterMarker).UnixNano())
-					select {
-					case a.urgent <- struct{}{}:
-					default:
-					}
+					awaited = eagerAfterMarker
 					if g := sock(); g != nil {
 						g.Eager(eagerAfterMarker)
 					}
+				}
+				a.awaitedTill.Store(max(a.awaitedTill.Load(), time.Now().Add(awaited).UnixNano()))
+				select {
+				case a.awaited <- struct{}{}:
+				default:
 				}
 				// Everything committed before the marker has been received:
 				// commit it and record the marker's position as applied.
@@ -552,10 +571,13 @@ func (a *Applier) write(ctx context.Context, queue <-chan work, outstanding *ato
 	return nil
 }
 
-// rest paces the writer after a piece that took took (see Pace); an urgent
-// marker read meanwhile ends the rest.
+// isAwaited: a marker came recently (see awaitedFor).
+func (a *Applier) isAwaited() bool { return time.Now().UnixNano() < a.awaitedTill.Load() }
+
+// rest paces the writer after a piece that took took (see Pace); a marker
+// read meanwhile ends the rest.
 func (a *Applier) rest(ctx context.Context, took time.Duration) error {
-	if a.Pace == nil || time.Now().UnixNano() < a.urgentTill.Load() {
+	if a.Pace == nil || a.isAwaited() {
 		return nil
 	}
 	p := a.Pace(ctx)
@@ -568,7 +590,7 @@ func (a *Applier) rest(ctx context.Context, took time.Duration) error {
 	select {
 	case <-ctx.Done():
 		return ctx.Err()
-	case <-a.urgent:
+	case <-a.awaited:
 		return nil
 	case <-t.C:
 		return nil

@@ -9,7 +9,7 @@ import (
 )
 
 func pacedApplier(busy bool) *Applier {
-	a := &Applier{urgent: make(chan struct{}, 1)}
+	a := &Applier{awaited: make(chan struct{}, 1)}
 	a.Pace = func(context.Context) pace.Pace { return pace.Pace{Workers: 1, Duty: 0.01, Busy: busy} }
 	return a
 }
@@ -38,18 +38,18 @@ func TestApplierDoesNotRestWhenQuiet(t *testing.T) {
 	}
 }
 
-func TestUrgentMarkerEndsARest(t *testing.T) {
+func TestMarkerEndsARest(t *testing.T) {
 	a := pacedApplier(true)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	done := make(chan error, 1)
 	go func() { done <- a.rest(ctx, time.Second) }() // a rest of about 99 s
-	a.urgent <- struct{}{}
+	a.awaited <- struct{}{}
 	if err := <-done; err != nil {
-		t.Fatalf("rest ended with %v, want the urgent marker to end it", err)
+		t.Fatalf("rest ended with %v, want the marker to end it", err)
 	}
-	// And within the urgent window there is no rest at all.
-	a.urgentTill.Store(time.Now().Add(time.Minute).UnixNano())
+	// And while markers come there is no rest at all.
+	a.awaitedTill.Store(time.Now().Add(time.Minute).UnixNano())
 	if err := a.rest(ctx, time.Second); err != nil {
 		t.Fatal(err)
 	}
