@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/shadow"
 	"github.com/shadowctl/shadowctl/sync"
 )
@@ -114,6 +115,70 @@ func TestLogicalUnchangedToastKeepsValue(t *testing.T) {
 	db.assertGreenMatches(`SELECT id, title, body FROM `+m.State.Plan.Reverse.Target.Quoted()+``, `SELECT id, title, body FROM green.docs`)
 	if n := scalar[int](db, `SELECT count(*) FROM green.docs WHERE body IS NULL OR length(body) <> 64000`); n != 0 {
 		t.Fatalf("%d bodies lost or changed in green", n)
+	}
+	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The stream replays the past: here an order whose customer is deleted
+// before the replay reaches it. Green gets its foreign keys at the cutover,
+// once it equals blue, so the replay goes through (a foreign key on green
+// would reject the insert and stop the sync for good), and after the
+// cutover the key is there and valid.
+func TestLogicalReplayOfAnOrderWhoseCustomerIsGone(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(2000)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	greenFKs := func() (all, valid int) {
+		t.Helper()
+		if err := db.Pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE convalidated) FROM pg_constraint
+			WHERE conrelid = 'green.orders'::regclass AND contype = 'f'`).Scan(&all, &valid); err != nil {
+			t.Fatal(err)
+		}
+		return all, valid
+	}
+	if all, _ := greenFKs(); all != 0 {
+		t.Fatalf("green has %d foreign keys at ready; they belong to the cutover in logical mode", all)
+	}
+	// Nobody applies the stream now: all of this waits in the slot. The
+	// 6,000 updates between the order's insert and its delete put them in
+	// different pieces of the apply (it merges an insert and a delete of
+	// the same key that meet in one).
+	db.exec(`INSERT INTO customers VALUES (5001, 'leaving', NULL)`,
+		`INSERT INTO orders (id, customer_id, customer_name, amount) VALUES (900001, 5001, 'leaving', 1)`,
+		`UPDATE orders SET status = 'bulk 1'`, `UPDATE orders SET status = 'bulk 2'`, `UPDATE orders SET status = 'bulk 3'`,
+		`DELETE FROM orders WHERE id = 900001`,
+		`DELETE FROM customers WHERE id = 5001`,
+		`UPDATE orders SET status = 'after' WHERE id = 7`)
+	cctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	m, err = db.Runner.Cutover(cctx, m.ID, shadow.CutoverOptions{}) // replays the stream first
+	if err != nil {
+		t.Fatalf("cutover after replaying an order of a deleted customer: %v", err)
+	}
+	if m.Phase != shadow.CutOver {
+		t.Fatalf("phase %s", m.Phase)
+	}
+	if got := scalar[string](db, `SELECT status FROM green.orders WHERE id = 7`); got != "after" {
+		t.Fatalf("the change after the deleted order did not reach green (status %q)", got)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM green.orders WHERE id = 900001`); n != 0 {
+		t.Fatal("the deleted order is in green")
+	}
+	if all, valid := greenFKs(); all != 1 || valid != 1 {
+		t.Fatalf("after the cutover green has %d foreign keys, %d valid; want 1, valid", all, valid)
+	}
+	// The key is enforced through the view.
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO orders (customer_id, amount) VALUES (999999, 1)`); pgsql.Code(err) != "23503" {
+		t.Fatalf("an order of a missing customer through the view: %v, want a foreign key violation", err)
 	}
 	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {
 		t.Fatal(err)

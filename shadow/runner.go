@@ -528,21 +528,21 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration, pc pace.Func) 
 		}
 		r.Log.Info().Str("migration", m.ID).Str("index", ix.Name).Dur("took", time.Since(start)).Msg("green index built")
 	}
-	for _, c := range p.DeferredConstraints {
-		err := r.withShortLock(ctx, m, "add foreign key "+c.Name, func(tx pgx.Tx) error {
-			var has bool
-			if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), c.Name).Scan(&has); err != nil || has {
+	// Logical sync: green's foreign keys wait for the cutover. The stream
+	// replays changes that blue has long moved past (the copy's backlog,
+	// a follower's restart): an order whose customer was deleted since is
+	// inserted, then deleted again. A foreign key on green would reject the
+	// insert and stop the sync for good.
+	if !m.logical() {
+		for _, c := range p.DeferredConstraints {
+			if err := r.withShortLock(ctx, m, "add foreign key "+c.Name, func(tx pgx.Tx) error {
+				return addGreenFK(ctx, tx, green, c)
+			}); err != nil {
 				return err
 			}
-			_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s NOT VALID", green.Quoted(), pgsql.Ident(c.Name), c.Def))
-			return err
-		})
-		if err != nil {
-			return err
 		}
-		// VALIDATE takes SHARE UPDATE EXCLUSIVE: writes go on meanwhile.
-		if _, err := conn.Exec(ctx, fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", green.Quoted(), pgsql.Ident(c.Name))); err != nil {
-			return fmt.Errorf("validate foreign key %s on green: %w", c.Name, err)
+		if err := validateGreenFKs(ctx, conn, green, p.DeferredConstraints); err != nil {
+			return err
 		}
 	}
 	// Vacuum and analyze green before it can serve. ANALYZE: the planner
@@ -560,6 +560,30 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration, pc pace.Func) 
 		return fmt.Errorf("vacuum green %s: %w", green, err)
 	}
 	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("green vacuumed and analyzed")
+	return nil
+}
+
+// addGreenFK adds one of green's deferred foreign keys NOT VALID, unless it
+// is there: new writes are checked at once, existing rows by
+// validateGreenFKs.
+func addGreenFK(ctx context.Context, tx pgx.Tx, green pgsql.QualifiedName, c pgmeta.Constraint) error {
+	var has bool
+	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), c.Name).Scan(&has); err != nil || has {
+		return err
+	}
+	_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s NOT VALID", green.Quoted(), pgsql.Ident(c.Name), c.Def))
+	return err
+}
+
+// validateGreenFKs validates green's deferred foreign keys (a no-op for one
+// already valid). VALIDATE takes SHARE UPDATE EXCLUSIVE: writes go on
+// meanwhile.
+func validateGreenFKs(ctx context.Context, q pgsql.Querier, green pgsql.QualifiedName, cs []pgmeta.Constraint) error {
+	for _, c := range cs {
+		if _, err := q.Exec(ctx, fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", green.Quoted(), pgsql.Ident(c.Name))); err != nil {
+			return fmt.Errorf("validate foreign key %s on green %s: %w", c.Name, green, err)
+		}
+	}
 	return nil
 }
 

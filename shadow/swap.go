@@ -193,6 +193,14 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 			if _, err := tx.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgsql.Ident(m.State.Publication)); err != nil {
 				return err
 			}
+			// Green equals blue now: its foreign keys, held back while the
+			// stream replayed the past (see buildDeferred), check every
+			// write from here on; the rows are validated after the commit.
+			for _, c := range p.DeferredConstraints {
+				if err := addGreenFK(ctx, tx, green, c); err != nil {
+					return fmt.Errorf("add foreign key %s to green: %w", c.Name, err)
+				}
+			}
 		}
 		stmts := fwd.DropTriggersSQL()
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", m.Table.Quoted(), pgsql.Ident(parked.Name)))
@@ -214,6 +222,9 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		stopFollower = func() {}
 		if rerr := r.removeLogical(context.WithoutCancel(ctx), m, ""); rerr != nil {
 			r.Log.Error().Err(rerr).Msg("could not drop the replication slot after the cutover; drop it by hand")
+		}
+		if verr := validateGreenFKs(context.WithoutCancel(ctx), r.Pool, green, p.DeferredConstraints); verr != nil {
+			r.Log.Error().Err(verr).Str("migration", m.ID).Msg("a foreign key added at the cutover stays NOT VALID; finalize validates it again")
 		}
 	}
 	return m2, err
@@ -369,6 +380,17 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 	green := p.Forward.Target
 	final := m.Table
 	fwd, rev := r.forwardSync(m), r.reverseSync(m)
+	// Green becomes the table: its foreign keys must be valid (one added at
+	// a logical cutover may not have been validated yet).
+	var greenThere bool
+	if err := r.Pool.QueryRow(ctx, `SELECT to_regclass($1) IS NOT NULL`, green.Quoted()).Scan(&greenThere); err != nil {
+		return m, err
+	}
+	if greenThere {
+		if err := validateGreenFKs(ctx, r.Pool, green, p.DeferredConstraints); err != nil {
+			return m, fmt.Errorf("finalize %s: %w", id, err)
+		}
+	}
 	var already bool
 	res, err := cutover.Swap(ctx, r.Pool, []pgsql.QualifiedName{m.Table}, func(ctx context.Context, tx pgx.Tx) error {
 		// A finalize that committed but died before the catalog said so.
