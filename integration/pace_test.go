@@ -56,4 +56,14 @@ func TestPaceFollowsApplicationActivity(t *testing.T) {
 	a.wait("the first waiter")
 	b.wait("the second waiter")
 	waitPace("application quiet again", false)
+
+	// A session in the middle of a transaction counts too: a client
+	// starved of CPU between two statements is still the application at
+	// work.
+	c := newSession(t, db)
+	c.run(`BEGIN`)
+	c.run(`SELECT 1`)
+	waitPace("an application session idle in a transaction", true)
+	c.run(`COMMIT`)
+	waitPace("application quiet after the commit", false)
 }

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	gosync "sync"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -54,11 +55,36 @@ type Runner struct {
 	// ClaimWait is how long Drive waits for another driver of the same
 	// migration to let go before failing with ErrClaimed (default 30s).
 	ClaimWait time.Duration
+
+	paces *paceCache // shared by copies of the runner
+}
+
+// paceCache keeps one load gauge per migration, so that the busy state the
+// copy measured carries over into verification and the apply (a fresh gauge
+// starts from one sample, and one taken at a quiet instant let the first
+// steps of a phase run flat out).
+type paceCache struct {
+	mu     gosync.Mutex
+	gauges map[string]pace.Func
+}
+
+func (c *paceCache) get(key string, newGauge func() pace.Func) pace.Func {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.gauges == nil {
+		c.gauges = map[string]pace.Func{}
+	}
+	f, ok := c.gauges[key]
+	if !ok {
+		f = newGauge()
+		c.gauges[key] = f
+	}
+	return f
 }
 
 // NewRunner returns a runner over the catalog cat.
 func NewRunner(pool *pgxpool.Pool, cat catalog.Catalog, log zerolog.Logger) *Runner {
-	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log}
+	return &Runner{Pool: pool, ConnConfig: pool.Config().ConnConfig, Store: &Store{Pool: pool, Cat: cat}, Log: log, paces: &paceCache{}}
 }
 
 // Submit checks a request against the database (nothing is created if it is
@@ -682,7 +708,11 @@ func (r *Runner) verifier(m *Migration) *cutover.Verifier {
 // busy.
 func (r *Runner) pace(m *Migration) pace.Func {
 	own := r.Pool.Config().ConnConfig.RuntimeParams["application_name"]
-	return pace.AppLoad(r.Pool, own, max(m.Request.Workers, 1), m.Request.LoadShare)
+	gauge := func() pace.Func { return pace.AppLoad(r.Pool, own, max(m.Request.Workers, 1), m.Request.LoadShare) }
+	if r.paces == nil {
+		return gauge()
+	}
+	return r.paces.get(fmt.Sprintf("%s/%d/%g", m.ID, m.Request.Workers, m.Request.LoadShare), gauge)
 }
 
 func isInt(t string) bool { return t == "integer" || t == "bigint" || t == "smallint" }
