@@ -38,6 +38,13 @@ const (
 	// gulpBytes is the low-water mark while busy (pgconn reads 8 KiB at a
 	// time; a wake-up then serves about 100 small upstream transactions).
 	gulpBytes = 8 << 10
+	// recvBuffer caps the socket's receive buffer. Left to autotuning it
+	// grows to megabytes, and when the apply rests (Applier.Pace) the WAL
+	// sender fills it with the backlog's changes while it races through
+	// the rows the copy wrote; capped, it stops at the next change it cannot
+	// send, so the pace holds back its decoding too. 256 KiB still drains a
+	// backlog faster than green applies it, on a LAN or loopback.
+	recvBuffer = 256 << 10
 	// eagerAfterMarker: how long reads stay immediate (and the apply unpaced)
 	// after an urgent marker: long enough for a swap retrying its lock.
 	eagerAfterMarker = 30 * time.Second
@@ -164,6 +171,7 @@ func gulping(cfg *pgconn.Config, pause time.Duration) (_ *pgconn.Config, conn fu
 		g := &gulpConn{Conn: nc, pause: pause}
 		// TCP only: a Unix socket's poll ignores the low-water mark.
 		if tc, ok := nc.(*net.TCPConn); ok {
+			_ = tc.SetReadBuffer(recvBuffer)
 			if raw, err := tc.SyscallConn(); err == nil {
 				g.raw = raw
 			}
