@@ -14,20 +14,30 @@ import (
 	"github.com/shadowctl/shadowctl/sync"
 )
 
-// Issue 6, done-when 3: kill -9 of the process applying the stream, then a
-// new one: no change lost or applied twice (exact end state), and the slot's
-// confirmed position never passes what green committed.
-func TestLogicalKill9MidStreamResumes(t *testing.T) {
+// logicalOrdersAtReady makes orders with n rows and drives a logical
+// migration of it (amount to numeric) to ready.
+func logicalOrdersAtReady(t *testing.T, n int) (*testDB, *shadow.Migration) {
+	t.Helper()
 	db := newTestDB(t)
-	db.createOrders(20000)
+	db.createOrders(n)
 	ctx := context.Background()
 	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
 		t.Fatal(err)
 	}
+	return db, m
+}
+
+// Issue 6, done-when 3: kill -9 of the process applying the stream, then a
+// new one: no change lost or applied twice (exact end state), and the slot's
+// confirmed position never passes what green committed.
+func TestLogicalKill9MidStreamResumes(t *testing.T) {
+	db, m := logicalOrdersAtReady(t, 20000)
+	ctx := context.Background()
+	var err error
 	w := startWorkload(t, db.DSN, 4)
 	w.waitRunning()
 
@@ -127,16 +137,9 @@ func TestLogicalUnchangedToastKeepsValue(t *testing.T) {
 // would reject the insert and stop the sync for good), and after the
 // cutover the key is there and valid.
 func TestLogicalReplayOfAnOrderWhoseCustomerIsGone(t *testing.T) {
-	db := newTestDB(t)
-	db.createOrders(2000)
+	db, m := logicalOrdersAtReady(t, 2000)
 	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
-		t.Fatal(err)
-	}
+	var err error
 	greenFKs := func() (all, valid int) {
 		t.Helper()
 		if err := db.Pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE convalidated) FROM pg_constraint
