@@ -493,9 +493,10 @@ func (r *Runner) copy(ctx context.Context, m *Migration) error {
 // buildDeferred creates green's secondary indexes CONCURRENTLY (a plain
 // CREATE INDEX would block the sync, and through it the application), then
 // the constraints they back, then the foreign keys NOT VALID and validated.
-// While the application is busy (pc), each build and the vacuum run gently:
-// no parallel workers, and the vacuum with autovacuum's cost delay.
-func (r *Runner) buildDeferred(ctx context.Context, m *Migration, pc pace.Func) error {
+// While the application is busy, each build and the vacuum run gently: no
+// parallel workers, and the vacuum with autovacuum's cost delay.
+func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
+	pc := r.pace(m)
 	p := m.State.Plan
 	green := p.Forward.Target
 	conn, err := r.Pool.Acquire(ctx)
@@ -509,7 +510,7 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration, pc pace.Func) 
 	}()
 	gentle := func() error {
 		workers, delay := "DEFAULT", "DEFAULT"
-		if pc != nil && pc(ctx).Busy {
+		if pc(ctx).Busy {
 			workers, delay = "0", "'2ms'"
 		}
 		_, err := conn.Exec(ctx, "SET max_parallel_maintenance_workers = "+workers+"; SET vacuum_cost_delay = "+delay)
@@ -601,13 +602,28 @@ func addGreenFK(ctx context.Context, tx pgx.Tx, green pgsql.QualifiedName, c pgm
 	return err
 }
 
-// validateGreenFKs validates green's deferred foreign keys (a no-op for one
-// already valid). VALIDATE takes SHARE UPDATE EXCLUSIVE: writes go on
-// meanwhile.
+// validateGreenFKs validates those of green's deferred foreign keys that are
+// not valid yet (only those: VALIDATE takes SHARE UPDATE EXCLUSIVE even when
+// there is nothing to do). Writes go on meanwhile.
 func validateGreenFKs(ctx context.Context, q pgsql.Querier, green pgsql.QualifiedName, cs []pgmeta.Constraint) error {
-	for _, c := range cs {
-		if _, err := q.Exec(ctx, fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", green.Quoted(), pgsql.Ident(c.Name))); err != nil {
-			return fmt.Errorf("validate foreign key %s on green %s: %w", c.Name, green, err)
+	if len(cs) == 0 {
+		return nil
+	}
+	names := make([]string, len(cs))
+	for i, c := range cs {
+		names[i] = c.Name
+	}
+	rows, err := q.Query(ctx, `SELECT conname FROM pg_constraint WHERE conrelid = to_regclass($1) AND NOT convalidated AND conname = ANY($2)`, green.Quoted(), names)
+	if err != nil {
+		return fmt.Errorf("foreign keys of green %s: %w", green, err)
+	}
+	pending, err := pgx.CollectRows(rows, pgx.RowTo[string])
+	if err != nil {
+		return fmt.Errorf("foreign keys of green %s: %w", green, err)
+	}
+	for _, name := range pending {
+		if _, err := q.Exec(ctx, fmt.Sprintf("ALTER TABLE %s VALIDATE CONSTRAINT %s", green.Quoted(), pgsql.Ident(name))); err != nil {
+			return fmt.Errorf("validate foreign key %s on green %s: %w", name, green, err)
 		}
 	}
 	return nil
@@ -623,11 +639,10 @@ func validateGreenFKs(ctx context.Context, q pgsql.Querier, green pgsql.Qualifie
 // (the builds are idempotent).
 func (r *Runner) verify(ctx context.Context, m *Migration) error {
 	g, gctx := errgroup.WithContext(ctx)
-	pc := r.pace(m) // one view of the application's load for both
 	if !m.State.IndexesBuilt {
-		g.Go(func() error { return r.buildDeferred(gctx, m, pc) })
+		g.Go(func() error { return r.buildDeferred(gctx, m) })
 	}
-	g.Go(func() error { return r.compare(gctx, m, pc) })
+	g.Go(func() error { return r.compare(gctx, m) })
 	if err := g.Wait(); err != nil {
 		return err
 	}
@@ -643,10 +658,9 @@ func (r *Runner) verify(ctx context.Context, m *Migration) error {
 	return r.afterPhase(ctx, Ready)
 }
 
-// compare is verify's comparison of green with blue, paced by pc.
-func (r *Runner) compare(ctx context.Context, m *Migration, pc pace.Func) error {
+// compare is verify's comparison of green with blue.
+func (r *Runner) compare(ctx context.Context, m *Migration) error {
 	v := r.verifier(m)
-	v.Pace = pc
 	if m.logical() {
 		stop := r.ensureFollower(ctx, m)
 		defer stop()

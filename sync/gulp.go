@@ -23,6 +23,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"os"
 	gosync "sync"
 	"sync/atomic"
 	"syscall"
@@ -52,7 +53,7 @@ const (
 
 // gulpConn is the replication connection's socket, read in gulps while the
 // stream is busy. Read is called by one goroutine at a time (pgconn's);
-// deadlines and Eager may be set from others.
+// deadlines may be set from others.
 type gulpConn struct {
 	net.Conn
 	raw   syscall.RawConn
@@ -61,14 +62,9 @@ type gulpConn struct {
 	mu       gosync.Mutex
 	deadline time.Time // the caller's read deadline
 
-	eagerUntil atomic.Int64 // unix nanos
-	busy       bool         // the mark is at gulpBytes
+	eagerUntil *atomic.Int64 // unix nanos: reads immediate until then (set by the applier)
+	busy       bool          // the mark is at gulpBytes
 	lastRead   time.Time
-}
-
-// Eager makes reads immediate for d (a marker: somebody waits on the apply).
-func (c *gulpConn) Eager(d time.Duration) {
-	c.eagerUntil.Store(time.Now().Add(d).UnixNano())
 }
 
 func (c *gulpConn) SetReadDeadline(t time.Time) error {
@@ -116,7 +112,7 @@ func (c *gulpConn) Read(p []byte) (int, error) {
 	_ = c.Conn.SetReadDeadline(wait)
 	n, err := c.Conn.Read(p)
 	_ = c.Conn.SetReadDeadline(c.callerDeadline())
-	if err == nil || !isTimeout(err) {
+	if err == nil || !errors.Is(err, os.ErrDeadlineExceeded) {
 		c.lastRead = time.Now()
 		return n, err
 	}
@@ -133,11 +129,6 @@ func (c *gulpConn) Read(p []byte) (int, error) {
 		c.setBusy(true)
 	}
 	return n, err
-}
-
-func isTimeout(err error) bool {
-	var ne net.Error
-	return errors.As(err, &ne) && ne.Timeout()
 }
 
 // setBusy moves the low-water mark. Where the socket has none (or the
@@ -157,18 +148,17 @@ func (c *gulpConn) setBusy(busy bool) {
 	c.busy = busy
 }
 
-// gulping returns a copy of cfg whose connections read in gulps; conn
-// reports the socket of the last one dialled (for Eager).
-func gulping(cfg *pgconn.Config, pause time.Duration) (_ *pgconn.Config, conn func() *gulpConn) {
+// gulping returns a copy of cfg whose connections read in gulps, and
+// immediately until the time in eagerUntil.
+func gulping(cfg *pgconn.Config, pause time.Duration, eagerUntil *atomic.Int64) *pgconn.Config {
 	c := cfg.Copy()
 	dial := c.DialFunc
-	var last atomic.Pointer[gulpConn]
 	c.DialFunc = func(ctx context.Context, network, addr string) (net.Conn, error) {
 		nc, err := dial(ctx, network, addr)
 		if err != nil {
 			return nil, err
 		}
-		g := &gulpConn{Conn: nc, pause: pause}
+		g := &gulpConn{Conn: nc, pause: pause, eagerUntil: eagerUntil}
 		// TCP only: a Unix socket's poll ignores the low-water mark.
 		if tc, ok := nc.(*net.TCPConn); ok {
 			_ = tc.SetReadBuffer(recvBuffer)
@@ -176,8 +166,7 @@ func gulping(cfg *pgconn.Config, pause time.Duration) (_ *pgconn.Config, conn fu
 				g.raw = raw
 			}
 		}
-		last.Store(g)
 		return g, nil
 	}
-	return c, last.Load
+	return c
 }

@@ -155,6 +155,7 @@ type Applier struct {
 	applied     atomic.Uint64
 	lastCommit  atomic.Int64  // unix nanos of the last applied upstream commit
 	awaitedTill atomic.Int64  // unix nanos: somebody waits on the apply (markers)
+	urgentTill  atomic.Int64  // unix nanos: a cutover waits (urgent markers); no gulping
 	awaited     chan struct{} // wakes a resting writer for a marker
 	serverEnd   atomic.Uint64
 	caughtUp    atomic.Bool
@@ -266,8 +267,7 @@ func (a *Applier) Run(ctx context.Context) error {
 		return err
 	}
 	a.applied.Store(uint64(start))
-	replCfg, sock := gulping(a.ReplConfig, readPause)
-	conn, err := pgconn.ConnectConfig(ctx, replCfg)
+	conn, err := pgconn.ConnectConfig(ctx, gulping(a.ReplConfig, readPause, &a.urgentTill))
 	if err != nil {
 		return fmt.Errorf("replication connection: %w", err)
 	}
@@ -490,14 +490,10 @@ func (a *Applier) Run(ctx context.Context) error {
 				// Somebody waits on this marker: no pace for a while. A
 				// cutover, maybe with the application held back, also
 				// has the next ones read at once.
-				awaited := awaitedFor
+				a.awaitedTill.Store(time.Now().Add(awaitedFor).UnixNano())
 				if strings.HasPrefix(string(m.Content), UrgentMarker) {
-					awaited = eagerAfterMarker
-					if g := sock(); g != nil {
-						g.Eager(eagerAfterMarker)
-					}
+					a.urgentTill.Store(time.Now().Add(eagerAfterMarker).UnixNano())
 				}
-				a.awaitedTill.Store(max(a.awaitedTill.Load(), time.Now().Add(awaited).UnixNano()))
 				select {
 				case a.awaited <- struct{}{}:
 				default:
@@ -571,8 +567,11 @@ func (a *Applier) write(ctx context.Context, queue <-chan work, outstanding *ato
 	return nil
 }
 
-// isAwaited: a marker came recently (see awaitedFor).
-func (a *Applier) isAwaited() bool { return time.Now().UnixNano() < a.awaitedTill.Load() }
+// isAwaited: a marker came recently (see awaitedFor), or a cutover's.
+func (a *Applier) isAwaited() bool {
+	now := time.Now().UnixNano()
+	return now < a.awaitedTill.Load() || now < a.urgentTill.Load()
+}
 
 // rest paces the writer after a piece that took took (see Pace); a marker
 // read meanwhile ends the rest.
