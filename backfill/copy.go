@@ -213,6 +213,13 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
 					return err
 				}
+				// A batch commits with its checkpoint, so a crash that loses
+				// its commit loses both, and the batch is copied again: no
+				// need to wait for the WAL flush (about 5 % of the copy's
+				// time on the bench).
+				if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
+					return err
+				}
 				if c.StartFailpoint != nil {
 					if err := c.StartFailpoint(ctx, tx, r); err != nil {
 						return err

@@ -117,3 +117,43 @@ func TestIssue4InboundForeignKeys(t *testing.T) {
 	}
 	w.stopAndCheck(t)
 }
+
+// Trigger sync: green's own foreign keys are added NOT VALID when its indexes
+// are built, so every write the sync makes is checked from then on, and
+// their rows are validated after the cutover rather than before ready (the
+// verification has shown green holds blue's rows, which blue's key checked).
+func TestTriggerSyncGreenForeignKeyCheckedAtReadyValidatedAfterCutover(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(2000)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	greenFK := func() (all, valid int) {
+		t.Helper()
+		if err := db.Pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE convalidated) FROM pg_constraint
+			WHERE conrelid = 'green.orders'::regclass AND contype = 'f'`).Scan(&all, &valid); err != nil {
+			t.Fatal(err)
+		}
+		return all, valid
+	}
+	if all, valid := greenFK(); all != 1 || valid != 0 {
+		t.Fatalf("at ready green has %d foreign keys, %d valid; want 1, not yet valid", all, valid)
+	}
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO green.orders (id, customer_id, amount) VALUES (900001, 999999, 1)`); pgsql.Code(err) != "23503" {
+		t.Fatalf("an order of a missing customer written to green at ready: %v, want a foreign key violation", err)
+	}
+	if m, err = db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if all, valid := greenFK(); all != 1 || valid != 1 {
+		t.Fatalf("after the cutover green has %d foreign keys, %d valid; want 1, valid", all, valid)
+	}
+	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}

@@ -223,8 +223,13 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		if rerr := r.removeLogical(context.WithoutCancel(ctx), m, ""); rerr != nil {
 			r.Log.Error().Err(rerr).Msg("could not drop the replication slot after the cutover; drop it by hand")
 		}
-		if verr := validateGreenFKs(context.WithoutCancel(ctx), r.Pool, green, p.DeferredConstraints); verr != nil {
-			r.Log.Error().Err(verr).Str("migration", m.ID).Msg("a foreign key added at the cutover stays NOT VALID; finalize validates it again")
+	}
+	if err == nil {
+		// Green's foreign keys check every write already (NOT VALID since
+		// the build, or the swap itself in logical sync); their rows are
+		// validated now, with writes going on.
+		if verr := r.validateGreenFKs(context.WithoutCancel(ctx), m, green); verr != nil {
+			r.Log.Error().Err(verr).Str("migration", m.ID).Msg("a foreign key of green stays NOT VALID; finalize validates it again")
 		}
 	}
 	return m2, err
@@ -387,7 +392,7 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 		return m, err
 	}
 	if greenThere {
-		if err := validateGreenFKs(ctx, r.Pool, green, p.DeferredConstraints); err != nil {
+		if err := r.validateGreenFKs(ctx, m, green); err != nil {
 			return m, fmt.Errorf("finalize %s: %w", id, err)
 		}
 	}
