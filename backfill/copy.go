@@ -77,6 +77,15 @@ type Copier struct {
 	// the batch statement reads anything (tests use it to interleave).
 	StartFailpoint func(ctx context.Context, tx pgx.Tx, r Range) error
 
+	// Guard, when set (and NoLock is not), replaces the row locks with
+	// key-bucket locks (rowmap.KeyBuckets): a batch first takes the locks
+	// of the buckets its keys span, then reads and writes its rows unlocked.
+	Guard *rowmap.KeyBuckets
+	// GuardLockTimeout bounds the wait for the bucket locks (short: while
+	// the batch waits, the application's deletes in those buckets queue
+	// behind it).
+	GuardLockTimeout time.Duration
+
 	limiter  rateLimiter
 	maxBatch atomic.Int64 // SetBatchSize's live override of BatchSize
 	busy     atomic.Bool  // the last pace said busy (logged on change)
@@ -186,9 +195,18 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 	// once PostgreSQL switches to a generic plan, and every batch would scan
 	// the range from its start.
 	var stmts [2][2]string // [withLower][form]
+	var guardSQL [2]string // [withLower]: the guarded form's keys and locks
+	guarded := c.Guard != nil && !c.NoLock
 	for _, lower := range []bool{false, true} {
 		for _, form := range []batchForm{plainInsert, onConflictNothing} {
-			stmts[b2i(lower)][form] = c.batchSQL(r, lower, form)
+			if guarded {
+				stmts[b2i(lower)][form] = c.guardedInsertSQL(r, lower, form)
+			} else {
+				stmts[b2i(lower)][form] = c.batchSQL(r, lower, form)
+			}
+		}
+		if guarded {
+			guardSQL[b2i(lower)] = c.guardSQL(r, lower)
 		}
 	}
 	// Batches start plain and switch to ON CONFLICT once one meets a row the
@@ -226,7 +244,16 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 					}
 				}
 				args := c.batchArgs(r, size)
-				err := tx.QueryRow(ctx, stmts[b2i(withLower)][form], args...).Scan(&n, &inserted, &last)
+				var err error
+				if guarded {
+					n, last, err = c.takeGuard(ctx, tx, guardSQL[b2i(withLower)], args)
+					inserted = 0
+					if err == nil && n > 0 {
+						err = tx.QueryRow(ctx, stmts[b2i(withLower)][form], append(args, keyArgs(last)...)...).Scan(&inserted)
+					}
+				} else {
+					err = tx.QueryRow(ctx, stmts[b2i(withLower)][form], args...).Scan(&n, &inserted, &last)
+				}
 				if form == plainInsert && pgsql.Code(err) == pgsql.CodeUniqueViolation {
 					// The sync wrote one of these rows first: its version
 					// is newer. Redo the batch keeping it.
@@ -298,6 +325,13 @@ func (c *Copier) nextSize(size int, took time.Duration) int {
 	return size
 }
 
+// errGuardBusy: an application transaction holds one of the batch's key
+// buckets (it deleted a row there and has not ended).
+var errGuardBusy = errors.New("the copy batch waited for its key-bucket locks")
+
+// GuardPatience is how long a batch waits for its key buckets in all.
+var GuardPatience = 5 * time.Minute
+
 // errRedoBatch asks retry to run a batch again at once, in the form the
 // failed attempt switched to.
 var errRedoBatch = errors.New("redo the batch")
@@ -311,12 +345,33 @@ func b2i(b bool) int {
 
 // retry runs fn again after lock timeouts, deadlocks and serialization
 // failures, with backoff and jitter.
+//
+// A batch that could not get its bucket locks (an application transaction
+// that deleted a row in them is still open) waits as long as that takes, up
+// to GuardPatience, without using up its attempts: each wait is short, so
+// that the application's deletes never queue behind the batch for long.
 func (c *Copier) retry(ctx context.Context, fn func() error) error {
 	var err error
+	var guardStart time.Time
+	guardWaits := 0
 	for attempt := 0; attempt < 20; attempt++ {
 		if err = fn(); errors.Is(err, errRedoBatch) {
 			attempt--
 			continue
+		}
+		if errors.Is(err, errGuardBusy) {
+			if guardStart.IsZero() {
+				guardStart = time.Now()
+			}
+			if time.Since(guardStart) < GuardPatience {
+				attempt--
+				guardWaits++
+				if werr := retry.Backoff(ctx, min(guardWaits, 5), 20*time.Millisecond, time.Second); werr != nil {
+					return werr
+				}
+				continue
+			}
+			return fmt.Errorf("%w for %s (long transactions deleting rows of the table? see pg_stat_activity)", err, GuardPatience)
 		}
 		if err == nil || !pgsql.IsRetryable(err) {
 			return err
@@ -366,25 +421,7 @@ func (c *Copier) batchSQL(r Range, withLower bool, form batchForm) string {
 	for i, t := range m.SourceKeyTypes {
 		params[i] = fmt.Sprintf("$%d::text::%s", i+1, t)
 	}
-	// where renders the range's bounds over the source row named alias.
-	// $1..$n: the lower bound (checkpoint or range lower). Without one they
-	// are NULL and only typed, as a constant condition.
-	where := func(alias string) string {
-		var conds []string
-		if withLower {
-			conds = append(conds, fmt.Sprintf("%s > (%s)", m.SourceKeyList(alias), strings.Join(params, ", ")))
-		} else {
-			nulls := make([]string, n)
-			for i := range nulls {
-				nulls[i] = fmt.Sprintf("$%d::text IS NULL", i+1)
-			}
-			conds = append(conds, "("+strings.Join(nulls, " AND ")+")")
-		}
-		if r.Upper != nil {
-			conds = append(conds, fmt.Sprintf("%s.%s <= $%d::text::%s", pgsql.Ident(alias), pgsql.Ident(m.SourceKey[0]), n+2, m.SourceKeyTypes[0]))
-		}
-		return strings.Join(conds, " AND ")
-	}
+	where := func(alias string) string { return c.rangeWhere(r, withLower, alias) }
 	const keysCTE = "batch_keys"
 	// The CTE's own columns, qualified by its name: inside the subquery an
 	// unqualified or alias-qualified key would be the outer row's, and the
@@ -416,6 +453,118 @@ SELECT (SELECT count(*) FROM %[1]s), (SELECT count(*) FROM ins), (SELECT ARRAY[%
 		m.InsertSelect("ONLY "+m.Source.Quoted()), where(m.Alias), m.SourceKeyList(m.Alias),
 		strings.TrimSuffix(strings.TrimPrefix(keysQ, "("), ")"), strings.Join(desc, ", "), lock, conflict,
 		strings.Join(lastArr, ", "), strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList(m.Alias), "("), ")"))
+}
+
+// rangeWhere renders a batch's bounds over the source row named alias:
+// $1..$n are the lower bound (checkpoint or range lower; without one they are
+// NULL and only typed, as a constant condition), $n+2 the range's upper bound
+// on the first key column.
+func (c *Copier) rangeWhere(r Range, withLower bool, alias string) string {
+	m := c.Mapping
+	n := len(m.SourceKey)
+	var conds []string
+	if withLower {
+		params := make([]string, n)
+		for i, t := range m.SourceKeyTypes {
+			params[i] = fmt.Sprintf("$%d::text::%s", i+1, t)
+		}
+		conds = append(conds, fmt.Sprintf("%s > (%s)", m.SourceKeyList(alias), strings.Join(params, ", ")))
+	} else {
+		nulls := make([]string, n)
+		for i := range nulls {
+			nulls[i] = fmt.Sprintf("$%d::text IS NULL", i+1)
+		}
+		conds = append(conds, "("+strings.Join(nulls, " AND ")+")")
+	}
+	if r.Upper != nil {
+		conds = append(conds, fmt.Sprintf("%s.%s <= $%d::text::%s", pgsql.Ident(alias), pgsql.Ident(m.SourceKey[0]), n+2, m.SourceKeyTypes[0]))
+	}
+	return strings.Join(conds, " AND ")
+}
+
+// guardSQL renders the guarded form's first statement: the batch's keys
+// (the first $n+1 after the lower bound, as in batchSQL), their count and
+// last key, and the bucket locks from the lower bound's bucket (-1 without
+// one) up to the last key's, taken in ascending order (two batches that meet
+// in a bucket wait for each other, never in a cycle). Its snapshot is taken
+// before the locks, so it only fixes the batch's bounds; the rows are read by
+// the next statement, whose snapshot follows the locks.
+func (c *Copier) guardSQL(r Range, withLower bool) string {
+	m := c.Mapping
+	g := c.Guard
+	const keysCTE = "batch_keys"
+	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
+	desc := make([]string, len(m.SourceKey))
+	last := make([]string, len(m.SourceKey))
+	for i, k := range m.SourceKey {
+		desc[i] = pgsql.Ident(k) + " DESC"
+		last[i] = "l." + pgsql.Ident(k) + "::text"
+	}
+	from := "-1"
+	if withLower {
+		from = g.Bucket(fmt.Sprintf("$1::text::%s", m.SourceKeyTypes[0]))
+	}
+	return fmt.Sprintf(`WITH %[1]s AS MATERIALIZED (
+  SELECT %[2]s FROM ONLY %[3]s AS b WHERE %[4]s ORDER BY %[2]s LIMIT $%[5]d
+), last_key AS MATERIALIZED (
+  SELECT * FROM %[1]s ORDER BY %[6]s LIMIT 1
+)
+SELECT (SELECT count(*) FROM %[1]s), (SELECT ARRAY[%[7]s] FROM last_key AS l),
+  (SELECT count(pg_advisory_xact_lock(%[8]d, bucket)) FROM generate_series(%[9]s, (SELECT %[10]s FROM last_key AS l)) AS bucket)`,
+		keysCTE, cols, m.Source.Quoted(), c.rangeWhere(r, withLower, "b"), len(m.SourceKey)+1,
+		strings.Join(desc, ", "), strings.Join(last, ", "), g.Class, from, g.Bucket("l."+pgsql.Ident(g.Column)))
+}
+
+// takeGuard runs guardSQL under GuardLockTimeout and restores the batch's
+// lock_timeout for what follows.
+func (c *Copier) takeGuard(ctx context.Context, tx pgx.Tx, sql string, args []any) (n int64, last []string, err error) {
+	if err := pgsql.SetLocalLockTimeout(ctx, tx, max(c.GuardLockTimeout, 10*time.Millisecond)); err != nil {
+		return 0, nil, err
+	}
+	var locks int64
+	if err := tx.QueryRow(ctx, sql, args...).Scan(&n, &last, &locks); err != nil {
+		if pgsql.IsLockTimeout(err) {
+			return 0, nil, fmt.Errorf("%w: %w", errGuardBusy, err)
+		}
+		return 0, nil, err
+	}
+	return n, last, pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout)
+}
+
+// guardedInsertSQL renders the guarded form's second statement: the mapped
+// rows after the lower bound up to the last key the first statement read
+// ($n+2+u.., u = 1 with an upper bound), unlocked. A row deleted from here
+// on is deleted from green by the sync once the batch commits (its trigger
+// waits for the bucket); one deleted before is not in this statement's
+// snapshot, which follows the locks. It returns the rows inserted. $n+1 (the
+// batch size) is not needed here, only typed.
+func (c *Copier) guardedInsertSQL(r Range, withLower bool, form batchForm) string {
+	m := c.Mapping
+	n := len(m.SourceKey)
+	first := n + 2 + b2i(r.Upper != nil)
+	params := make([]string, n)
+	for i, t := range m.SourceKeyTypes {
+		params[i] = fmt.Sprintf("$%d::text::%s", first+i, t)
+	}
+	conflict := ""
+	if form == onConflictNothing {
+		conflict = " " + m.OnConflictDoNothing()
+	}
+	key := m.SourceKeyList(m.Alias)
+	return fmt.Sprintf(`WITH ins AS (
+  %s WHERE %s AND %s <= (%s) AND $%d::bigint > 0 ORDER BY %s%s RETURNING 1
+)
+SELECT count(*) FROM ins`,
+		m.InsertSelect("ONLY "+m.Source.Quoted()), c.rangeWhere(r, withLower, m.Alias), key,
+		strings.Join(params, ", "), n+1, strings.TrimSuffix(strings.TrimPrefix(key, "("), ")"), conflict)
+}
+
+func keyArgs(k []string) []any {
+	out := make([]any, len(k))
+	for i, v := range k {
+		out[i] = v
+	}
+	return out
 }
 
 func (c *Copier) batchArgs(r Range, size int) []any {

@@ -11,6 +11,7 @@ import (
 
 	"github.com/jackc/pgx/v5"
 	"github.com/shadowctl/shadowctl/backfill"
+	"github.com/shadowctl/shadowctl/internal/rowmap"
 	"github.com/shadowctl/shadowctl/shadow"
 )
 
@@ -129,11 +130,12 @@ func verifyResult(t *testing.T, db *testDB, id string) map[string]any {
 }
 
 // Issue 3, done-when 2 (after the write): the first copy batch is paused
-// inside its transaction after it read (FOR KEY SHARE) and wrote green, before
-// its commit. Meanwhile a DELETE, a key change, a non-key UPDATE and an
-// INSERT hit rows of that batch's key range:
-//   - the DELETE and the key change wait for the batch's KEY SHARE locks on
-//     blue (they never reach green while the batch is open);
+// inside its transaction after it read and wrote green, before its commit.
+// Meanwhile a DELETE, a key change, a non-key UPDATE and an INSERT hit rows
+// of that batch's key range:
+//   - the DELETE and the key change wait for the batch (its key-bucket
+//     locks, or its KEY SHARE row locks where the key is not an integer):
+//     they never reach green while the batch is open;
 //   - the non-key UPDATE is not blocked on blue, its trigger reaches green and
 //     its upsert waits on green's key index for the batch's uncommitted row;
 //   - the INSERT of a new key inside the range is not blocked at all.
@@ -188,6 +190,14 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 	if b := waitLockWait(t, db, "the DELETE", del.pid); !contains32(b, copyPID) {
 		t.Fatalf("the DELETE waits for %v, not for the copy batch %d", b, copyPID)
 	}
+	// An integer key: the DELETE waits for the batch's bucket lock, not a
+	// row lock (the batch locks no row of blue).
+	if kind := scalar[string](db, `SELECT string_agg(locktype, ',') FROM pg_locks WHERE pid = $1 AND NOT granted`, del.pid); kind != "advisory" {
+		t.Fatalf("the DELETE waits for a %s lock, want the copy's advisory bucket lock", kind)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM public.items WHERE xmax <> 0 AND id BETWEEN 2 AND 20 AND id NOT IN (4, 6, 8)`); n != 0 {
+		t.Fatalf("%d rows of the batch carry a lock or update mark: the batch locked blue's rows", n)
+	}
 	if holdsLockOn(t, db, del.pid, "green.items") {
 		t.Fatal("the blocked DELETE already reached green: blue's row was not locked by the batch")
 	}
@@ -198,7 +208,7 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 		t.Fatalf("the UPDATE waits for %v, not for the copy batch %d", b, copyPID)
 	}
 	if !holdsLockOn(t, db, upd.pid, "green.items") {
-		t.Fatal("the non-key UPDATE is blocked before its trigger reached green (KEY SHARE must not block non-key updates)")
+		t.Fatal("the non-key UPDATE is blocked before its trigger reached green (the copy must not block non-key updates)")
 	}
 	ins.wait("the INSERT into the paused batch's range (it must not be blocked)")
 	for _, s := range []*session{del, upd, rekey} {
@@ -240,7 +250,7 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 // then change rows of its range and stay open: a DELETE, a DELETE that will
 // roll back, a non-key UPDATE, a key change to a key beyond the table's end,
 // an INSERT. Released, the batch must wait for the deleters and the key
-// changer (its FOR KEY SHARE), and for the updater on green's key; it must
+// changer (for their rows' key buckets), and for the updater on green's key; it must
 // skip the deleted and moved rows, copy the row whose delete rolled back, keep
 // the updater's newer version, and go on from the right place: the moved row's
 // new key must not become the batch's checkpoint (that would skip every row
@@ -296,8 +306,8 @@ func TestIssue3InterleaveBatchPausedBeforeRead(t *testing.T) {
 	ins.run(`INSERT INTO items VALUES (5, 'inserted', 5)`)
 	close(release)
 
-	// The batch needs a lock each of these sessions holds: the rows of the
-	// deleters and the key changer (FOR KEY SHARE, in key order), and the
+	// The batch needs a lock each of these sessions holds: the key buckets
+	// of the deleters' and the key changer's rows (in bucket order), and the
 	// updater's uncommitted green row 6 (its insert waits on green's key). End
 	// each one only once the batch is seen waiting for it.
 	ends := map[*session]string{del: "COMMIT", rekey: "COMMIT", undo: "ROLLBACK", upd: "COMMIT"}
@@ -363,5 +373,23 @@ func TestIssue3CopyCompositeTextKey(t *testing.T) {
 	db.assertGreenMatches(`SELECT region, no, v::varchar(20) FROM public.pairs`, `SELECT region, no, v FROM green.pairs`)
 	if n := scalar[int64](db, `SELECT sum(rows_copied)::bigint FROM shadowctl.copy_ranges WHERE migration_id = $1`, m.ID); n != 3000 {
 		t.Fatalf("rows copied %d, want 3000 (each row read once)", n)
+	}
+}
+
+// The copy's key buckets (rowmap.KeyBuckets): -1 below the span, 0 at its
+// start, the last bucket at its end, and no overflow at the ends of bigint.
+func TestCopyGuardBuckets(t *testing.T) {
+	db := newTestDB(t)
+	k := rowmap.NewKeyBuckets(7, "id", 1, 2_000_000)
+	for _, c := range []struct {
+		value string
+		want  int
+	}{
+		{"0", -1}, {"1", 0}, {"2000000", rowmap.KeyBucketCount - 1},
+		{"(-9223372036854775808)", -1}, {"9223372036854775807", 2147483647},
+	} {
+		if got := scalar[int](db, `SELECT `+k.Bucket(c.value+"::bigint")); got != c.want {
+			t.Errorf("bucket of %s = %d, want %d", c.value, got, c.want)
+		}
 	}
 }

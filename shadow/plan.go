@@ -46,6 +46,10 @@ type Plan struct {
 	DeferredConstraints []pgmeta.Constraint `json:"deferred_constraints"`
 	Names               ObjectNames         `json:"names"`
 	SearchPath          string              `json:"search_path"`
+	// CopyGuard, in trigger sync with an integer first key column, guards
+	// the copy's rows with key-bucket locks instead of row locks (nil: the
+	// copy locks each row FOR KEY SHARE).
+	CopyGuard *rowmap.KeyBuckets `json:"copy_guard,omitempty"`
 }
 
 // ObjectNames are the names of the objects a migration creates.

@@ -28,6 +28,9 @@ type Trigger struct {
 	OnTruncate   string
 	// SearchPath is fixed on the function when the mapping has operator SQL.
 	SearchPath string
+	// Guard, when set, makes a DELETE or a key change wait for the copy
+	// batch holding the row's key bucket.
+	Guard *rowmap.KeyBuckets
 }
 
 // CreateSQL returns the statements that create the sync. Creating the
@@ -43,6 +46,16 @@ func (t Trigger) CreateSQL() []string {
 		sp = t.SearchPath + ", pg_temp"
 	}
 	fmt.Fprintf(&b, " SET search_path = %s AS $shadowctl$\nBEGIN\n", sp)
+	if g := t.Guard; g != nil {
+		// Wait for a copy batch that may be writing this row (see
+		// rowmap.KeyBuckets) before deleting it from the target.
+		old, nw := make([]string, len(m.SourceKey)), make([]string, len(m.SourceKey))
+		for i, c := range m.SourceKey {
+			old[i], nw[i] = "OLD."+pgsql.Ident(c), "NEW."+pgsql.Ident(c)
+		}
+		fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW(%s) IS DISTINCT FROM ROW(%s)) THEN\n", strings.Join(old, ", "), strings.Join(nw, ", "))
+		fmt.Fprintf(&b, "    PERFORM pg_advisory_xact_lock_shared(%d, %s);\n  END IF;\n", g.Class, g.Bucket("OLD."+pgsql.Ident(g.Column)))
+	}
 	// Delete the old target row on DELETE, and on UPDATE when the row moves
 	// to another key (then the upsert below inserts the new one).
 	fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND %s) THEN\n", t.rekeyCondition())

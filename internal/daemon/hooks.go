@@ -98,10 +98,6 @@ func (d *Daemon) fireHooks(ctx context.Context, id string) {
 	if ctx.Err() != nil {
 		return
 	}
-	m, err := d.r.Store.Get(ctx, d.r.Pool, id)
-	if err != nil || len(m.Request.Hooks) == 0 {
-		return
-	}
 	done, _, err := d.r.Store.HookProgress(ctx, id)
 	if err != nil {
 		d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not read progress")
@@ -110,6 +106,13 @@ func (d *Daemon) fireHooks(ctx context.Context, id string) {
 	evs, err := d.r.Store.EventsSince(ctx, id, done)
 	if err != nil {
 		d.log.Warn().Err(err).Str("migration", id).Msg("hooks: could not read events")
+		return
+	}
+	// The migration is read after its events, so that a hook sees the
+	// figures of its phase change or later ones: read first, a copy-done
+	// hook could get the row count of the copy's start.
+	m, err := d.r.Store.Get(ctx, d.r.Pool, id)
+	if err != nil || len(m.Request.Hooks) == 0 {
 		return
 	}
 	for _, e := range evs {

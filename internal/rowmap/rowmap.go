@@ -155,3 +155,38 @@ func contains(list []string, s string) bool {
 	}
 	return false
 }
+
+// KeyBuckets cut the source's first key column (an integer) into about
+// KeyBucketCount equal buckets, each guarded by a transaction-level advisory
+// lock: a copy batch holds the locks of the buckets its keys fall in, and
+// the sync trigger takes a shared lock on a row's bucket before it deletes
+// that row from the target (DELETE, or an UPDATE that changes the key). So a
+// row that a batch read cannot be deleted from the target before the batch
+// has written it, as a row lock on every copied row would ensure, at the
+// cost of a few locks per batch instead of a WAL record and a dirtied page
+// per row.
+type KeyBuckets struct {
+	// Class is the first half of the locks' two-integer advisory key.
+	Class  int32  `json:"class"`
+	Column string `json:"column"`
+	Min    int64  `json:"min"`
+	Width  int64  `json:"width"`
+}
+
+// KeyBucketCount is how many buckets span the key's range when the copy
+// starts: a transaction that deletes the whole table takes at most this many
+// locks (plus one below the minimum and those past the maximum).
+const KeyBucketCount = 256
+
+// NewKeyBuckets spans [min, max] with KeyBucketCount buckets.
+func NewKeyBuckets(class int32, column string, min, max int64) *KeyBuckets {
+	span := float64(max) - float64(min) + 1
+	width := int64(span/KeyBucketCount) + 1
+	return &KeyBuckets{Class: class, Column: column, Min: min, Width: width}
+}
+
+// Bucket renders the bucket of an integer value as an int4: -1 below Min,
+// clamped at the int4 maximum above (numeric: no overflow at any key).
+func (k KeyBuckets) Bucket(value string) string {
+	return fmt.Sprintf("LEAST(GREATEST(floor(((%s)::numeric - %d) / %d), -1), 2147483647)::int4", value, k.Min, k.Width)
+}
