@@ -113,3 +113,13 @@ func (db *testDB) assertGreenMatches(blueSQL, greenSQL string) {
 		db.t.Fatalf("green differs from blue: %d rows of blue missing in green, %d extra in green (of %d)", missing, extra, total)
 	}
 }
+
+// foreignKeysOf counts a table's foreign keys, and those of them validated.
+func (db *testDB) foreignKeysOf(table string) (all, valid int) {
+	db.t.Helper()
+	if err := db.Pool.QueryRow(context.Background(), `SELECT count(*), count(*) FILTER (WHERE convalidated) FROM pg_constraint
+		WHERE conrelid = $1::regclass AND contype = 'f'`, table).Scan(&all, &valid); err != nil {
+		db.t.Fatal(err)
+	}
+	return all, valid
+}

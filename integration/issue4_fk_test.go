@@ -133,15 +133,7 @@ func TestTriggerSyncGreenForeignKeyCheckedAtReadyValidatedAfterCutover(t *testin
 	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
 		t.Fatal(err)
 	}
-	greenFK := func() (all, valid int) {
-		t.Helper()
-		if err := db.Pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE convalidated) FROM pg_constraint
-			WHERE conrelid = 'green.orders'::regclass AND contype = 'f'`).Scan(&all, &valid); err != nil {
-			t.Fatal(err)
-		}
-		return all, valid
-	}
-	if all, valid := greenFK(); all != 1 || valid != 0 {
+	if all, valid := db.foreignKeysOf("green.orders"); all != 1 || valid != 0 {
 		t.Fatalf("at ready green has %d foreign keys, %d valid; want 1, not yet valid", all, valid)
 	}
 	if _, err := db.Pool.Exec(ctx, `INSERT INTO green.orders (id, customer_id, amount) VALUES (900001, 999999, 1)`); pgsql.Code(err) != "23503" {
@@ -150,7 +142,7 @@ func TestTriggerSyncGreenForeignKeyCheckedAtReadyValidatedAfterCutover(t *testin
 	if m, err = db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if all, valid := greenFK(); all != 1 || valid != 1 {
+	if all, valid := db.foreignKeysOf("green.orders"); all != 1 || valid != 1 {
 		t.Fatalf("after the cutover green has %d foreign keys, %d valid; want 1, valid", all, valid)
 	}
 	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {

@@ -140,15 +140,7 @@ func TestLogicalReplayOfAnOrderWhoseCustomerIsGone(t *testing.T) {
 	db, m := logicalOrdersAtReady(t, 2000)
 	ctx := context.Background()
 	var err error
-	greenFKs := func() (all, valid int) {
-		t.Helper()
-		if err := db.Pool.QueryRow(ctx, `SELECT count(*), count(*) FILTER (WHERE convalidated) FROM pg_constraint
-			WHERE conrelid = 'green.orders'::regclass AND contype = 'f'`).Scan(&all, &valid); err != nil {
-			t.Fatal(err)
-		}
-		return all, valid
-	}
-	if all, _ := greenFKs(); all != 0 {
+	if all, _ := db.foreignKeysOf("green.orders"); all != 0 {
 		t.Fatalf("green has %d foreign keys at ready; they belong to the cutover in logical mode", all)
 	}
 	// Nobody applies the stream now: all of this waits in the slot. The
@@ -176,7 +168,7 @@ func TestLogicalReplayOfAnOrderWhoseCustomerIsGone(t *testing.T) {
 	if n := scalar[int](db, `SELECT count(*) FROM green.orders WHERE id = 900001`); n != 0 {
 		t.Fatal("the deleted order is in green")
 	}
-	if all, valid := greenFKs(); all != 1 || valid != 1 {
+	if all, valid := db.foreignKeysOf("green.orders"); all != 1 || valid != 1 {
 		t.Fatalf("after the cutover green has %d foreign keys, %d valid; want 1, valid", all, valid)
 	}
 	// The key is enforced through the view.
