@@ -70,6 +70,7 @@ type modeResult struct {
 	TPSRatio            M
 	P99Ms               M
 	SyncTPSRatio        M
+	SyncAloneRatio      M // the sync-only window against the workload alone right after it (logical: stream paused)
 	CutoverMaxLatencyMs M
 	LockWaitMs          M
 	LockHoldMs          M
@@ -127,6 +128,7 @@ func (r *modeResult) fields() []namedField {
 		{"workload TPS ratio during copy (to the reference)", &r.TPSRatio},
 		{"workload p99 during copy (ms)", &r.P99Ms},
 		{"workload TPS ratio at ready, sync only (to the reference)", &r.SyncTPSRatio},
+		{"workload TPS ratio at ready, sync only (to the workload alone right after, stream paused)", &r.SyncAloneRatio},
 		{"workload max latency during cutover (ms)", &r.CutoverMaxLatencyMs},
 		{"cutover lock wait (ms)", &r.LockWaitMs},
 		{"cutover lock hold (ms)", &r.LockHoldMs},

@@ -299,7 +299,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			return lerr
 		}
 		why := sr.reason()
-		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.CutoverMaxLatencyMs,
+		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.CutoverMaxLatencyMs,
 			&m.LockWaitMs, &m.LockHoldMs, &m.LagP99S, &m.LagMaxS} {
 			*f = none(why)
 		}
@@ -326,6 +326,22 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		return err
 	}
 	t2 := time.Now()
+	// Logical sync: the same window again with the stream not applied (the
+	// follower stopped, the slot keeping the changes for the cutover's
+	// catch-up): the workload alone on a table as old as at ready. The
+	// reference was taken minutes and a million updates earlier, on a
+	// freshly cloned table, and the workload alone slows down over such a
+	// stretch too.
+	var t2b time.Time
+	if mode == "logical" {
+		stopFollow()
+		rssKB = max(rssKB, (<-followed).maxRSSKB)
+		followed <- cliResult{}
+		if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, stream paused"); err != nil {
+			return err
+		}
+		t2b = time.Now()
+	}
 	var cr cliResult
 	hasCutover, why := b.hasCommand(ctx, "cutover")
 	tc0 := time.Now()
@@ -356,8 +372,16 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	}
 	if s, err := l.window(t1, t2); err == nil {
 		m.SyncTPSRatio = ratio(some(s.TPS), ref)
+		m.SyncAloneRatio = none("trigger sync cannot be paused: it runs in the application's transactions")
+		if mode == "logical" {
+			if a, err := l.window(t2, t2b); err == nil {
+				m.SyncAloneRatio = ratio(some(s.TPS), some(a.TPS))
+			} else {
+				m.SyncAloneRatio = none(err.Error())
+			}
+		}
 	} else {
-		m.SyncTPSRatio = none(err.Error())
+		m.SyncTPSRatio, m.SyncAloneRatio = none(err.Error()), none(err.Error())
 	}
 	switch {
 	case !hasCutover:
