@@ -85,6 +85,9 @@ type Copier struct {
 	// the batch waits, the application's deletes in those buckets queue
 	// behind it).
 	GuardLockTimeout time.Duration
+	// GuardPatience is how long a batch waits for its buckets in all
+	// (0: DefaultGuardPatience).
+	GuardPatience time.Duration
 
 	limiter  rateLimiter
 	maxBatch atomic.Int64 // SetBatchSize's live override of BatchSize
@@ -329,8 +332,9 @@ func (c *Copier) nextSize(size int, took time.Duration) int {
 // buckets (it deleted a row there and has not ended).
 var errGuardBusy = errors.New("the copy batch waited for its key-bucket locks")
 
-// GuardPatience is how long a batch waits for its key buckets in all.
-var GuardPatience = 5 * time.Minute
+// DefaultGuardPatience is how long a batch waits for its key buckets in
+// all, unless Copier.GuardPatience says otherwise.
+const DefaultGuardPatience = 5 * time.Minute
 
 // errRedoBatch asks retry to run a batch again at once, in the form the
 // failed attempt switched to.
@@ -363,7 +367,11 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 			if guardStart.IsZero() {
 				guardStart = time.Now()
 			}
-			if time.Since(guardStart) < GuardPatience {
+			patience := c.GuardPatience
+			if patience <= 0 {
+				patience = DefaultGuardPatience
+			}
+			if time.Since(guardStart) < patience {
 				attempt--
 				guardWaits++
 				if werr := retry.Backoff(ctx, min(guardWaits, 5), 20*time.Millisecond, time.Second); werr != nil {
@@ -371,7 +379,7 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 				}
 				continue
 			}
-			return fmt.Errorf("%w for %s (long transactions deleting rows of the table? see pg_stat_activity)", err, GuardPatience)
+			return fmt.Errorf("%w for %s (long transactions deleting rows of the table? see pg_stat_activity)", err, patience)
 		}
 		if err == nil || !pgsql.IsRetryable(err) {
 			return err

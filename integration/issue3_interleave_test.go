@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -391,5 +392,70 @@ func TestCopyGuardBuckets(t *testing.T) {
 		if got := scalar[int](db, `SELECT `+k.Bucket(c.value+"::bigint")); got != c.want {
 			t.Errorf("bucket of %s = %d, want %d", c.value, got, c.want)
 		}
+	}
+}
+
+// A copy batch waits for an application transaction that deleted a row in
+// its key bucket, in short lock_timeout steps (so that the application's
+// other deletes never queue behind it for long), up to the runner's
+// CopyGuardPatience in all; then the copy fails with an error that names the
+// likely cause, rather than waiting for ever or after a fixed number of
+// tries.
+func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
+	db := newTestDB(t)
+	createItems(db, "items", 1000) // keys 2, 4, … 2000: 256 buckets of 8, so 2–8 share one
+	ctx := context.Background()
+	db.Runner.CopyGuardPatience = 1500 * time.Millisecond
+
+	paused, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	db.Runner.Failpoints.CopyBatchStart = func(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
+		once.Do(func() {
+			close(paused)
+			select {
+			case <-release:
+			case <-ctx.Done():
+			}
+		})
+		return nil
+	}
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint", BatchSize: 10, Workers: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	drive := driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
+	<-paused
+	del := newSession(t, db)
+	del.run(`BEGIN`)
+	del.run(`DELETE FROM items WHERE id = 6`) // its trigger holds the bucket of 2–8 until the end
+	close(release)
+	// While the batch waits, another delete in the same bucket goes through
+	// within about one lock_timeout step of the batch (100 ms), not after
+	// the batch's whole wait: a lock request queues behind a waiting
+	// conflicting one, so it waits for the batch to give up its try.
+	waitFor(t, "the batch to wait for its bucket", 20*time.Second, func() (bool, error) {
+		var n int
+		err := db.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND NOT granted`).Scan(&n)
+		return n > 0, err
+	})
+	other := newSession(t, db)
+	t0 := time.Now()
+	other.run(`DELETE FROM items WHERE id = 8`)
+	if d := time.Since(t0); d > 500*time.Millisecond {
+		t.Fatalf("a delete in the waiting batch's bucket took %s: it queued behind the batch", d)
+	}
+	select {
+	case err = <-drive:
+	case <-time.After(time.Minute):
+		t.Fatal("the copy still waits a minute later, with a patience of 1.5 s")
+	}
+	took := time.Since(start)
+	del.run(`ROLLBACK`)
+	if err == nil || !strings.Contains(err.Error(), "key-bucket locks") || !strings.Contains(err.Error(), "long transactions") {
+		t.Fatalf("drive: %v, want the batch's key-bucket wait named, with its likely cause", err)
+	}
+	if took < db.Runner.CopyGuardPatience {
+		t.Fatalf("the copy gave up after %s, before its patience of %s", took, db.Runner.CopyGuardPatience)
 	}
 }

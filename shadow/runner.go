@@ -54,6 +54,9 @@ type Runner struct {
 	// SyncSetupTimeout bounds how long installing or removing the sync may
 	// keep retrying its short lock.
 	SyncSetupTimeout time.Duration
+	// CopyGuardPatience bounds how long a copy batch waits for its key
+	// buckets in all (0: backfill.DefaultGuardPatience).
+	CopyGuardPatience time.Duration
 	// ClaimWait is how long Drive waits for another driver of the same
 	// migration to let go before failing with ErrClaimed (default 30s).
 	ClaimWait time.Duration
@@ -481,6 +484,7 @@ func (r *Runner) copier(m *Migration) *backfill.Copier {
 	c.NoLock = m.logical()
 	c.Guard = m.State.Plan.CopyGuard
 	c.GuardLockTimeout = m.Request.LockTimeout
+	c.GuardPatience = r.CopyGuardPatience
 	c.Gate = func(ctx context.Context) error {
 		if m.logical() && m.State.Slot != "" {
 			if err := sync.CheckRetainedWAL(ctx, r.Pool, m.State.Slot, m.Request.MaxRetainedWAL); err != nil {
