@@ -96,6 +96,25 @@ func createItems(db *testDB, table string, n int) {
 	)
 }
 
+// pause holds the first caller of hold until release is closed; paused is
+// closed when that caller arrives.
+type pause struct {
+	paused, release chan struct{}
+	once            sync.Once
+}
+
+func newPause() *pause { return &pause{paused: make(chan struct{}), release: make(chan struct{})} }
+
+func (p *pause) hold(ctx context.Context) {
+	p.once.Do(func() {
+		close(p.paused)
+		select {
+		case <-p.release:
+		case <-ctx.Done():
+		}
+	})
+}
+
 func driveAsync(ctx context.Context, r *shadow.Runner, id string, until shadow.Phase) chan error {
 	done := make(chan error, 1)
 	go func() {
@@ -151,8 +170,7 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 	ctx := context.Background()
 
 	var copyPID int32 // written before paused is closed, read after
-	paused, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
+	p := newPause()
 	db.Runner.Failpoints.CopyBatchStart = func(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
 		if r.Last != nil {
 			return nil
@@ -161,13 +179,7 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 	}
 	db.Runner.Failpoints.CopyBatch = func(ctx context.Context, r backfill.Range) error {
 		if len(r.Last) == 1 && r.Last[0] == "20" { // the first batch: keys 2..20
-			once.Do(func() {
-				close(paused)
-				select {
-				case <-release:
-				case <-ctx.Done():
-				}
-			})
+			p.hold(ctx)
 		}
 		return nil
 	}
@@ -177,7 +189,7 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 	}
 	drive := driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
 	select {
-	case <-paused:
+	case <-p.paused:
 	case err := <-drive:
 		t.Fatalf("the copy ended before the failpoint: %v", err)
 	}
@@ -218,7 +230,7 @@ func TestIssue3InterleaveBatchPausedBeforeCommit(t *testing.T) {
 		}
 	}
 
-	close(release)
+	close(p.release)
 	del.wait("the DELETE")
 	upd.wait("the UPDATE")
 	rekey.wait("the key change")
@@ -407,16 +419,9 @@ func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
 	ctx := context.Background()
 	db.Runner.CopyGuardPatience = 1500 * time.Millisecond
 
-	paused, release := make(chan struct{}), make(chan struct{})
-	var once sync.Once
+	p := newPause()
 	db.Runner.Failpoints.CopyBatchStart = func(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
-		once.Do(func() {
-			close(paused)
-			select {
-			case <-release:
-			case <-ctx.Done():
-			}
-		})
+		p.hold(ctx)
 		return nil
 	}
 	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint", BatchSize: 10, Workers: 1})
@@ -425,11 +430,11 @@ func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
 	}
 	start := time.Now()
 	drive := driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
-	<-paused
+	<-p.paused
 	del := newSession(t, db)
 	del.run(`BEGIN`)
 	del.run(`DELETE FROM items WHERE id = 6`) // its trigger holds the bucket of 2–8 until the end
-	close(release)
+	close(p.release)
 	// While the batch waits, another delete in the same bucket goes through
 	// within about one lock_timeout step of the batch (100 ms), not after
 	// the batch's whole wait: a lock request queues behind a waiting
