@@ -377,6 +377,12 @@ func (c *Copier) retry(ctx context.Context, fn func() error) error {
 				if werr := retry.Backoff(ctx, min(guardWaits, 5), 20*time.Millisecond, time.Second); werr != nil {
 					return werr
 				}
+				// A long wait still notices a pause or an abort.
+				if c.Gate != nil && guardWaits%8 == 0 {
+					if gerr := c.Gate(ctx); gerr != nil {
+						return gerr
+					}
+				}
 				continue
 			}
 			return fmt.Errorf("%w for %s (long transactions deleting rows of the table? see pg_stat_activity)", err, patience)

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"strings"
 	"sync"
@@ -407,18 +408,15 @@ func TestCopyGuardBuckets(t *testing.T) {
 	}
 }
 
-// A copy batch waits for an application transaction that deleted a row in
-// its key bucket, in short lock_timeout steps (so that the application's
-// other deletes never queue behind it for long), up to the runner's
-// CopyGuardPatience in all; then the copy fails with an error that names the
-// likely cause, rather than waiting for ever or after a fixed number of
-// tries.
-func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
-	db := newTestDB(t)
-	createItems(db, "items", 1000) // keys 2, 4, … 2000: 256 buckets of 8, so 2–8 share one
+// batchWaitingOnOpenDelete starts a trigger-sync copy of items (keys 2, 4,
+// … 2000: 256 buckets of 8 keys, so 2–8 share one) whose first batch waits
+// for its key bucket: an open transaction (del) deleted key 6 just before
+// the batch took its locks. patience is the runner's CopyGuardPatience.
+func batchWaitingOnOpenDelete(t *testing.T, patience time.Duration) (db *testDB, m *shadow.Migration, drive chan error, del *session) {
+	db = newTestDB(t)
+	createItems(db, "items", 1000)
 	ctx := context.Background()
-	db.Runner.CopyGuardPatience = 1500 * time.Millisecond
-
+	db.Runner.CopyGuardPatience = patience
 	p := newPause()
 	db.Runner.Failpoints.CopyBatchStart = func(ctx context.Context, tx pgx.Tx, r backfill.Range) error {
 		p.hold(ctx)
@@ -428,28 +426,40 @@ func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	start := time.Now()
-	drive := driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
+	drive = driveAsync(ctx, db.Runner, m.ID, shadow.Verifying)
 	<-p.paused
-	del := newSession(t, db)
+	del = newSession(t, db)
 	del.run(`BEGIN`)
 	del.run(`DELETE FROM items WHERE id = 6`) // its trigger holds the bucket of 2–8 until the end
 	close(p.release)
-	// While the batch waits, another delete in the same bucket goes through
-	// within about one lock_timeout step of the batch (100 ms), not after
-	// the batch's whole wait: a lock request queues behind a waiting
-	// conflicting one, so it waits for the batch to give up its try.
 	waitFor(t, "the batch to wait for its bucket", 20*time.Second, func() (bool, error) {
 		var n int
 		err := db.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND mode = 'ExclusiveLock' AND NOT granted`).Scan(&n)
 		return n > 0, err
 	})
+	return db, m, drive, del
+}
+
+// A copy batch waits for an application transaction that deleted a row in
+// its key bucket, in short lock_timeout steps (so that the application's
+// other deletes never queue behind it for long), up to the runner's
+// CopyGuardPatience in all; then the copy fails with an error that names the
+// likely cause, rather than waiting for ever or after a fixed number of
+// tries.
+func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
+	db, _, drive, del := batchWaitingOnOpenDelete(t, 1500*time.Millisecond)
+	start := time.Now() // the batch waits already
+	// While the batch waits, another delete in the same bucket goes through
+	// within about one lock_timeout step of the batch (100 ms), not after
+	// the batch's whole wait: a lock request queues behind a waiting
+	// conflicting one, so it waits for the batch to give up its try.
 	other := newSession(t, db)
 	t0 := time.Now()
 	other.run(`DELETE FROM items WHERE id = 8`)
 	if d := time.Since(t0); d > 500*time.Millisecond {
 		t.Fatalf("a delete in the waiting batch's bucket took %s: it queued behind the batch", d)
 	}
+	var err error
 	select {
 	case err = <-drive:
 	case <-time.After(time.Minute):
@@ -460,7 +470,28 @@ func TestCopyGuardWaitsForAnOpenDeleteThenGivesUp(t *testing.T) {
 	if err == nil || !strings.Contains(err.Error(), "key-bucket locks") || !strings.Contains(err.Error(), "long transactions") {
 		t.Fatalf("drive: %v, want the batch's key-bucket wait named, with its likely cause", err)
 	}
-	if took < db.Runner.CopyGuardPatience {
-		t.Fatalf("the copy gave up after %s, before its patience of %s", took, db.Runner.CopyGuardPatience)
+	// Its patience counts from its first timed-out try, a lock_timeout step
+	// after it began to wait (less what waitFor took to see it waiting).
+	if took < db.Runner.CopyGuardPatience-300*time.Millisecond {
+		t.Fatalf("the copy gave up %s after it was seen waiting, before its patience of %s", took, db.Runner.CopyGuardPatience)
+	}
+}
+
+// A pause reaches a batch that waits for its key buckets (patience 5 min):
+// the copy stops within seconds, not at the end of the wait.
+func TestCopyGuardWaitNoticesAPause(t *testing.T) {
+	db, m, drive, del := batchWaitingOnOpenDelete(t, 0)
+	if err := db.Runner.Store.Pause(context.Background(), m.ID, "test"); err != nil {
+		t.Fatal(err)
+	}
+	var err error
+	select {
+	case err = <-drive:
+	case <-time.After(30 * time.Second):
+		t.Fatal("the copy still waits for its bucket 30 s after a pause")
+	}
+	del.run(`ROLLBACK`)
+	if !errors.Is(err, shadow.ErrStopped) {
+		t.Fatalf("drive: %v, want ErrStopped (paused)", err)
 	}
 }
