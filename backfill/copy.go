@@ -105,6 +105,20 @@ func (c *Copier) batchSize() int {
 	return c.BatchSize
 }
 
+// IntKeySpan reads the smallest and largest value of the source's first key
+// column when it is an integer. Both are nil for any other key type, and for
+// an empty table.
+func IntKeySpan(ctx context.Context, q pgsql.Querier, m rowmap.Mapping) (lo, hi *int64, err error) {
+	switch m.SourceKeyTypes[0] {
+	case "integer", "bigint", "smallint":
+	default:
+		return nil, nil, nil
+	}
+	err = q.QueryRow(ctx, fmt.Sprintf("SELECT min(%[1]s)::bigint, max(%[1]s)::bigint FROM ONLY %[2]s",
+		pgsql.Ident(m.SourceKey[0]), m.Source.Quoted())).Scan(&lo, &hi)
+	return lo, hi, err
+}
+
 // SplitRanges cuts the source key space into ranges for parallel workers. An
 // integer first key column is cut into equal slices of [min, max]; any other
 // key is one range.
@@ -113,13 +127,10 @@ func (c *Copier) SplitRanges(ctx context.Context, q pgsql.Querier, n int) ([]Ran
 	if n < 1 {
 		n = 1
 	}
-	first, typ := m.SourceKey[0], m.SourceKeyTypes[0]
-	if n == 1 || (typ != "integer" && typ != "bigint" && typ != "smallint") {
+	if n == 1 {
 		return []Range{{No: 0}}, nil
 	}
-	var lo, hi *int64
-	err := q.QueryRow(ctx, fmt.Sprintf("SELECT min(%[1]s)::bigint, max(%[1]s)::bigint FROM ONLY %[2]s",
-		pgsql.Ident(first), m.Source.Quoted())).Scan(&lo, &hi)
+	lo, hi, err := IntKeySpan(ctx, q, m)
 	if err != nil {
 		return nil, fmt.Errorf("split ranges of %s: %w", m.Source, err)
 	}
@@ -231,14 +242,17 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		var last []string
 		err := c.retry(ctx, func() error {
 			return pgx.BeginFunc(ctx, c.Pool, func(tx pgx.Tx) error {
-				if err := pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout); err != nil {
-					return err
-				}
 				// A batch commits with its checkpoint, so a crash that loses
 				// its commit loses both, and the batch is copied again: no
 				// need to wait for the WAL flush (about 5 % of the copy's
-				// time on the bench).
-				if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
+				// time on the bench). A guarded batch starts under the
+				// bucket locks' shorter timeout (takeGuard restores the
+				// batch's).
+				timeout := c.LockTimeout
+				if guarded {
+					timeout = c.guardLockTimeout()
+				}
+				if _, err := tx.Exec(ctx, pgsql.LocalLockTimeoutSQL(timeout)+"; SET LOCAL synchronous_commit = off"); err != nil {
 					return err
 				}
 				if c.StartFailpoint != nil {
@@ -431,12 +445,7 @@ const (
 func (c *Copier) batchSQL(r Range, withLower bool, form batchForm) string {
 	m := c.Mapping
 	n := len(m.SourceKey)
-	params := make([]string, n)
-	for i, t := range m.SourceKeyTypes {
-		params[i] = fmt.Sprintf("$%d::text::%s", i+1, t)
-	}
 	where := func(alias string) string { return c.rangeWhere(r, withLower, alias) }
-	const keysCTE = "batch_keys"
 	// The CTE's own columns, qualified by its name: inside the subquery an
 	// unqualified or alias-qualified key would be the outer row's, and the
 	// bound would hold for every row.
@@ -455,15 +464,12 @@ func (c *Copier) batchSQL(r Range, withLower bool, form batchForm) string {
 	if form == onConflictNothing {
 		conflict = " " + m.OnConflictDoNothing()
 	}
-	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
-	return fmt.Sprintf(`WITH %[1]s AS MATERIALIZED (
-  SELECT %[2]s FROM ONLY %[3]s AS b WHERE %[4]s ORDER BY %[2]s LIMIT $%[5]d
-), ins AS (
-  %[6]s WHERE %[7]s AND %[8]s <= (SELECT %[9]s FROM %[1]s ORDER BY %[10]s LIMIT 1)
-   ORDER BY %[14]s%[11]s%[12]s RETURNING 1
+	return fmt.Sprintf(`WITH %[2]s, ins AS (
+  %[3]s WHERE %[4]s AND %[5]s <= (SELECT %[6]s FROM %[1]s ORDER BY %[7]s LIMIT 1)
+   ORDER BY %[11]s%[8]s%[9]s RETURNING 1
 )
-SELECT (SELECT count(*) FROM %[1]s), (SELECT count(*) FROM ins), (SELECT ARRAY[%[13]s] FROM %[1]s ORDER BY %[10]s LIMIT 1)`,
-		keysCTE, cols, m.Source.Quoted(), where("b"), n+1,
+SELECT (SELECT count(*) FROM %[1]s), (SELECT count(*) FROM ins), (SELECT ARRAY[%[10]s] FROM %[1]s ORDER BY %[7]s LIMIT 1)`,
+		keysCTE, c.batchKeysCTE(r, withLower),
 		m.InsertSelect("ONLY "+m.Source.Quoted()), where(m.Alias), m.SourceKeyList(m.Alias),
 		strings.TrimSuffix(strings.TrimPrefix(keysQ, "("), ")"), strings.Join(desc, ", "), lock, conflict,
 		strings.Join(lastArr, ", "), strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList(m.Alias), "("), ")"))
@@ -506,8 +512,6 @@ func (c *Copier) rangeWhere(r Range, withLower bool, alias string) string {
 func (c *Copier) guardSQL(r Range, withLower bool) string {
 	m := c.Mapping
 	g := c.Guard
-	const keysCTE = "batch_keys"
-	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
 	desc := make([]string, len(m.SourceKey))
 	last := make([]string, len(m.SourceKey))
 	for i, k := range m.SourceKey {
@@ -518,23 +522,30 @@ func (c *Copier) guardSQL(r Range, withLower bool) string {
 	if withLower {
 		from = g.Bucket(fmt.Sprintf("$1::text::%s", m.SourceKeyTypes[0]))
 	}
-	return fmt.Sprintf(`WITH %[1]s AS MATERIALIZED (
-  SELECT %[2]s FROM ONLY %[3]s AS b WHERE %[4]s ORDER BY %[2]s LIMIT $%[5]d
-), last_key AS MATERIALIZED (
-  SELECT * FROM %[1]s ORDER BY %[6]s LIMIT 1
+	return fmt.Sprintf(`WITH %[2]s, last_key AS MATERIALIZED (
+  SELECT * FROM %[1]s ORDER BY %[3]s LIMIT 1
 )
-SELECT (SELECT count(*) FROM %[1]s), (SELECT ARRAY[%[7]s] FROM last_key AS l),
-  (SELECT count(pg_advisory_xact_lock(%[8]d, bucket)) FROM generate_series(%[9]s, (SELECT %[10]s FROM last_key AS l)) AS bucket)`,
-		keysCTE, cols, m.Source.Quoted(), c.rangeWhere(r, withLower, "b"), len(m.SourceKey)+1,
-		strings.Join(desc, ", "), strings.Join(last, ", "), g.Class, from, g.Bucket("l."+pgsql.Ident(g.Column)))
+SELECT (SELECT count(*) FROM %[1]s), (SELECT ARRAY[%[4]s] FROM last_key AS l),
+  (SELECT count(pg_advisory_xact_lock(%[5]d, bucket)) FROM generate_series(%[6]s, (SELECT %[7]s FROM last_key AS l)) AS bucket)`,
+		keysCTE, c.batchKeysCTE(r, withLower), strings.Join(desc, ", "), strings.Join(last, ", "),
+		g.Class, from, g.Bucket("l."+pgsql.Ident(g.Column)))
 }
 
-// takeGuard runs guardSQL under GuardLockTimeout and restores the batch's
-// lock_timeout for what follows.
+// keysCTE is the name of a batch's keys in its statements.
+const keysCTE = "batch_keys"
+
+// batchKeysCTE renders a batch's keys: the first $n+1 keys of the range after its
+// lower bound ($1..$n), read once (MATERIALIZED) by one index range scan.
+func (c *Copier) batchKeysCTE(r Range, withLower bool) string {
+	m := c.Mapping
+	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
+	return fmt.Sprintf("%s AS MATERIALIZED (\n  SELECT %s FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d\n)",
+		keysCTE, cols, m.Source.Quoted(), c.rangeWhere(r, withLower, "b"), cols, len(m.SourceKey)+1)
+}
+
+// takeGuard runs guardSQL, in a transaction set to guardLockTimeout, and
+// restores the batch's lock_timeout for what follows.
 func (c *Copier) takeGuard(ctx context.Context, tx pgx.Tx, sql string, args []any) (n int64, last []string, err error) {
-	if err := pgsql.SetLocalLockTimeout(ctx, tx, max(c.GuardLockTimeout, 10*time.Millisecond)); err != nil {
-		return 0, nil, err
-	}
 	var locks int64
 	if err := tx.QueryRow(ctx, sql, args...).Scan(&n, &last, &locks); err != nil {
 		if pgsql.IsLockTimeout(err) {
@@ -571,6 +582,10 @@ func (c *Copier) guardedInsertSQL(r Range, withLower bool, form batchForm) strin
 SELECT count(*) FROM ins`,
 		m.InsertSelect("ONLY "+m.Source.Quoted()), c.rangeWhere(r, withLower, m.Alias), key,
 		strings.Join(params, ", "), n+1, strings.TrimSuffix(strings.TrimPrefix(key, "("), ")"), conflict)
+}
+
+func (c *Copier) guardLockTimeout() time.Duration {
+	return max(c.GuardLockTimeout, 10*time.Millisecond)
 }
 
 func keyArgs(k []string) []any {

@@ -437,12 +437,11 @@ func copyGuard(ctx context.Context, q pgsql.Querier, id string, fwd rowmap.Mappi
 	if !isInt(fwd.SourceKeyTypes[0]) {
 		return nil, nil
 	}
-	var lo, hi *int64
-	if err := q.QueryRow(ctx, fmt.Sprintf("SELECT min(%[1]s)::bigint, max(%[1]s)::bigint FROM ONLY %[2]s",
-		pgsql.Ident(fwd.SourceKey[0]), fwd.Source.Quoted())).Scan(&lo, &hi); err != nil {
+	lo, hi, err := backfill.IntKeySpan(ctx, q, fwd)
+	if err != nil {
 		return nil, fmt.Errorf("key span of %s: %w", fwd.Source, err)
 	}
-	if lo == nil {
+	if lo == nil { // empty
 		lo, hi = new(int64), new(int64)
 	}
 	h := fnv.New32a()

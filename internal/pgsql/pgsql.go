@@ -44,8 +44,14 @@ type Querier interface {
 
 // SetLocalLockTimeout bounds every lock wait of the current transaction.
 func SetLocalLockTimeout(ctx context.Context, tx Querier, d time.Duration) error {
-	_, err := tx.Exec(ctx, fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", max(d.Milliseconds(), 1)))
+	_, err := tx.Exec(ctx, LocalLockTimeoutSQL(d))
 	return err
+}
+
+// LocalLockTimeoutSQL is SetLocalLockTimeout's statement, for callers that
+// send it together with other settings.
+func LocalLockTimeoutSQL(d time.Duration) string {
+	return fmt.Sprintf("SET LOCAL lock_timeout = '%dms'", max(d.Milliseconds(), 1))
 }
 
 // SetLockTimeout bounds lock waits for the session (statements outside an
