@@ -79,6 +79,20 @@ type SwapRecord struct {
 	Attempts   int       `json:"attempts"`
 	LockWaitMS float64   `json:"lock_wait_ms"`
 	LockHoldMS float64   `json:"lock_hold_ms"`
+	// Logical sync only: the rounds of catching up before the lock, and how
+	// long the catch-up under the lock took (part of the hold).
+	DrainRounds        int     `json:"drain_rounds,omitempty"`
+	CatchUpUnderLockMS float64 `json:"catch_up_under_lock_ms,omitempty"`
+}
+
+// Summary is the swap's figures as operators read them in messages and
+// status.
+func (s SwapRecord) Summary() string {
+	out := fmt.Sprintf("%d attempt(s), lock wait %.1f ms, hold %.1f ms", s.Attempts, s.LockWaitMS, s.LockHoldMS)
+	if s.DrainRounds > 0 {
+		out += fmt.Sprintf(" (green caught up in %d round(s) before the lock, %.1f ms under it)", s.DrainRounds, s.CatchUpUnderLockMS)
+	}
+	return out
 }
 
 // Store reads and writes migrations in the catalog.

@@ -163,6 +163,8 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		// Blue first; green only after the stream has drained into it.
 		lockFirst, lockAfterDrain = relations[:1], relations[1:]
 	}
+	var drainRounds int
+	var caughtUpUnderLock time.Duration
 	stall := opts.MaxCutoverStall
 	if stall <= 0 {
 		stall = DefaultMaxCutoverStall
@@ -170,7 +172,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 	if logical {
 		// Drain the backlog before taking any lock, so that under the lock
 		// only the last moments' changes are left to apply.
-		if err := r.catchUp(ctx, m, 0, time.Minute, true); err != nil {
+		if drainRounds, err = r.drainForSwap(ctx, m); err != nil {
 			_ = r.Store.SetPhase(context.WithoutCancel(ctx), r.Pool, id, []Phase{CuttingOver}, prev, "")
 			return m, fmt.Errorf("cutover of %s: %w", id, err)
 		}
@@ -180,9 +182,11 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		if logical {
 			// Blue takes no writes now: mark the WAL and let green apply
 			// everything before the mark, within the stall budget.
+			start := time.Now()
 			if err := r.catchUp(ctx, m, stall, stall, true); err != nil {
 				return err
 			}
+			caughtUpUnderLock = time.Since(start)
 			for _, rel := range lockAfterDrain {
 				if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
 					return fmt.Errorf("lock %s: %w", rel, err)
@@ -216,7 +220,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		}
 		return r.recordServing(ctx, tx, m, CuttingOver, CutOver, "green")
 	}, opts.swapOptions(r, id))
-	m2, err := r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs)
+	m2, err := r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs, swapDrain{drainRounds, caughtUpUnderLock})
 	if logical && err == nil {
 		stopFollower()
 		stopFollower = func() {}
@@ -253,7 +257,13 @@ func (r *Runner) recordServing(ctx context.Context, tx pgx.Tx, m *Migration, fro
 // was written by the swap itself); on failure, what the database serves
 // decides: unchanged, the phase goes back to prev; changed (a commit whose
 // answer was lost), the swap stands.
-func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev, to Phase, serving string, res cutover.SwapResult, swapErr error, fks []pgmeta.Constraint) (*Migration, error) {
+// swapDrain is what a logical cutover did to catch green up (see drainForSwap).
+type swapDrain struct {
+	rounds    int
+	underLock time.Duration
+}
+
+func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev, to Phase, serving string, res cutover.SwapResult, swapErr error, fks []pgmeta.Constraint, drain swapDrain) (*Migration, error) {
 	ctx = context.WithoutCancel(ctx)
 	if swapErr != nil {
 		if errors.Is(swapErr, cutover.ErrAmbiguousCommit) {
@@ -277,19 +287,20 @@ func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev
 		m.State.LogicalDone = true
 	}
 	m.State.LastCutover = &SwapRecord{Kind: kind, At: time.Now().UTC(), Attempts: res.Attempts,
-		LockWaitMS: float64(res.LockWait.Microseconds()) / 1000, LockHoldMS: float64(res.LockHold.Microseconds()) / 1000}
+		LockWaitMS: float64(res.LockWait.Microseconds()) / 1000, LockHoldMS: float64(res.LockHold.Microseconds()) / 1000,
+		DrainRounds: drain.rounds, CatchUpUnderLockMS: float64(drain.underLock.Microseconds()) / 1000}
 	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
 		if err := r.Store.SaveState(ctx, tx, m.ID, m.State); err != nil {
 			return err
 		}
-		return r.Store.Event(ctx, tx, m.ID, kind, fmt.Sprintf("%s: %s serves; %d attempt(s), lock wait %.1f ms, hold %.1f ms",
-			kind, serving, res.Attempts, m.State.LastCutover.LockWaitMS, m.State.LastCutover.LockHoldMS), m.State.LastCutover)
+		return r.Store.Event(ctx, tx, m.ID, kind, fmt.Sprintf("%s: %s serves; %s", kind, serving, m.State.LastCutover.Summary()), m.State.LastCutover)
 	})
 	if err != nil {
 		return m, err
 	}
 	r.Log.Info().Str("migration", m.ID).Str("serving", serving).Int("attempts", res.Attempts).
-		Float64("lock_wait_ms", m.State.LastCutover.LockWaitMS).Float64("lock_hold_ms", m.State.LastCutover.LockHoldMS).Msg(kind + " done")
+		Float64("lock_wait_ms", m.State.LastCutover.LockWaitMS).Float64("lock_hold_ms", m.State.LastCutover.LockHoldMS).
+		Int("drain_rounds", drain.rounds).Float64("catch_up_under_lock_ms", m.State.LastCutover.CatchUpUnderLockMS).Msg(kind + " done")
 	// Re-pointed foreign keys were added NOT VALID under the lock; validate
 	// them now, outside it (writes go on meanwhile).
 	for _, fk := range fks {
@@ -353,7 +364,7 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 		}
 		return r.recordServing(ctx, tx, m, RollingBack, RolledBack, "blue")
 	}, opts.swapOptions(r, id))
-	return r.finishSwap(ctx, m, "rollback", CutOver, RolledBack, "blue", res, err, p.Blue.InboundFKs)
+	return r.finishSwap(ctx, m, "rollback", CutOver, RolledBack, "blue", res, err, p.Blue.InboundFKs, swapDrain{})
 }
 
 // Finalize makes green the table itself under the original name, hands blue's

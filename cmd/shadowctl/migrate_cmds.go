@@ -399,8 +399,8 @@ func printStatus(w io.Writer, s shadow.Status) {
 		fmt.Fprintf(w, "  verified:  %s\n", s.Verify)
 	}
 	if s.LastCutover != nil {
-		fmt.Fprintf(w, "  last swap: %s at %s, %d attempt(s), lock wait %.1f ms, hold %.1f ms\n", s.LastCutover.Kind,
-			s.LastCutover.At.Local().Format(time.DateTime), s.LastCutover.Attempts, s.LastCutover.LockWaitMS, s.LastCutover.LockHoldMS)
+		fmt.Fprintf(w, "  last swap: %s at %s, %s\n", s.LastCutover.Kind,
+			s.LastCutover.At.Local().Format(time.DateTime), s.LastCutover.Summary())
 	}
 	if s.Error != "" {
 		fmt.Fprintf(w, "  error:     %s\n", s.Error)

@@ -55,8 +55,8 @@ func init() {
 					return err
 				}
 				lc := m.State.LastCutover
-				fmt.Fprintf(c.App.Writer, "migration %s cut over: %s now serves from %s (%d attempt(s), lock wait %.1f ms, hold %.1f ms)\n",
-					id, m.Table, m.State.Plan.Forward.Target, lc.Attempts, lc.LockWaitMS, lc.LockHoldMS)
+				fmt.Fprintf(c.App.Writer, "migration %s cut over: %s now serves from %s (%s)\n",
+					id, m.Table, m.State.Plan.Forward.Target, lc.Summary())
 				return nil
 			})
 		},
