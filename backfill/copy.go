@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/pace"
@@ -208,19 +209,26 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 	// with "$1 IS NULL OR key > $1" would not use the index for the bound
 	// once PostgreSQL switches to a generic plan, and every batch would scan
 	// the range from its start.
-	var stmts [2][2]string // [withLower][form]
-	var guardSQL [2]string // [withLower]: the guarded form's keys and locks
+	//
+	// A batch is one statement when it locks blue's rows (batchSQL), and two
+	// otherwise: its bounds (with the key buckets' locks when guarded), then
+	// a plain INSERT up to the last key, whose count is its command tag.
+	// Two statements cost one round trip more and save materializing the
+	// inserted rows to count them (about 10 % of a batch's time).
+	var stmts [2][2]string  // [withLower][form]
+	var boundsSQL [2]string // [withLower]: the two-step form's keys (and locks)
 	guarded := c.Guard != nil && !c.NoLock
+	twoStep := guarded || c.NoLock
 	for _, lower := range []bool{false, true} {
 		for _, form := range []batchForm{plainInsert, onConflictNothing} {
-			if guarded {
-				stmts[b2i(lower)][form] = c.guardedInsertSQL(r, lower, form)
+			if twoStep {
+				stmts[b2i(lower)][form] = c.boundedInsertSQL(r, lower, form)
 			} else {
 				stmts[b2i(lower)][form] = c.batchSQL(r, lower, form)
 			}
 		}
-		if guarded {
-			guardSQL[b2i(lower)] = c.guardSQL(r, lower)
+		if twoStep {
+			boundsSQL[b2i(lower)] = c.boundsSQL(r, lower, guarded)
 		}
 	}
 	// Batches start plain and switch to ON CONFLICT once one meets a row the
@@ -246,7 +254,7 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 				// its commit loses both, and the batch is copied again: no
 				// need to wait for the WAL flush (about 5 % of the copy's
 				// time on the bench). A guarded batch starts under the
-				// bucket locks' shorter timeout (takeGuard restores the
+				// bucket locks' shorter timeout (takeBounds restores the
 				// batch's).
 				timeout := c.LockTimeout
 				if guarded {
@@ -262,11 +270,13 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 				}
 				args := c.batchArgs(r, size)
 				var err error
-				if guarded {
-					n, last, err = c.takeGuard(ctx, tx, guardSQL[b2i(withLower)], args)
+				if twoStep {
+					n, last, err = c.takeBounds(ctx, tx, boundsSQL[b2i(withLower)], args, guarded)
 					inserted = 0
 					if err == nil && n > 0 {
-						err = tx.QueryRow(ctx, stmts[b2i(withLower)][form], append(args, keyArgs(last)...)...).Scan(&inserted)
+						var tag pgconn.CommandTag
+						tag, err = tx.Exec(ctx, stmts[b2i(withLower)][form], append(args, keyArgs(last)...)...)
+						inserted = tag.RowsAffected()
 					}
 				} else {
 					err = tx.QueryRow(ctx, stmts[b2i(withLower)][form], args...).Scan(&n, &inserted, &last)
@@ -502,33 +512,36 @@ func (c *Copier) rangeWhere(r Range, withLower bool, alias string) string {
 	return strings.Join(conds, " AND ")
 }
 
-// guardSQL renders the guarded form's first statement: the batch's keys
+// boundsSQL renders the two-step form's first statement: the batch's keys
 // (the first $n+1 after the lower bound, as in batchSQL), their count and
-// last key, and the bucket locks from the lower bound's bucket (-1 without
-// one) up to the last key's, taken in ascending order (two batches that meet
-// in a bucket wait for each other, never in a cycle). Its snapshot is taken
-// before the locks, so it only fixes the batch's bounds; the rows are read by
-// the next statement, whose snapshot follows the locks.
-func (c *Copier) guardSQL(r Range, withLower bool) string {
+// last key, and when guarded the bucket locks from the lower bound's bucket
+// (-1 without one) up to the last key's, taken in ascending order (two
+// batches that meet in a bucket wait for each other, never in a cycle). Its
+// snapshot is taken before the locks, so it only fixes the batch's bounds;
+// the rows are read by the next statement, whose snapshot follows the locks.
+func (c *Copier) boundsSQL(r Range, withLower, guarded bool) string {
 	m := c.Mapping
-	g := c.Guard
 	desc := make([]string, len(m.SourceKey))
 	last := make([]string, len(m.SourceKey))
 	for i, k := range m.SourceKey {
 		desc[i] = pgsql.Ident(k) + " DESC"
 		last[i] = "l." + pgsql.Ident(k) + "::text"
 	}
-	from := "-1"
-	if withLower {
-		from = g.Bucket(fmt.Sprintf("$1::text::%s", m.SourceKeyTypes[0]))
+	locks := ""
+	if guarded {
+		g := c.Guard
+		from := "-1"
+		if withLower {
+			from = g.Bucket(fmt.Sprintf("$1::text::%s", m.SourceKeyTypes[0]))
+		}
+		locks = fmt.Sprintf(",\n  (SELECT count(pg_advisory_xact_lock(%d, bucket)) FROM generate_series(%s, (SELECT %s FROM last_key AS l)) AS bucket)",
+			g.Class, from, g.Bucket("l."+pgsql.Ident(g.Column)))
 	}
 	return fmt.Sprintf(`WITH %[2]s, last_key AS MATERIALIZED (
   SELECT * FROM %[1]s ORDER BY %[3]s LIMIT 1
 )
-SELECT (SELECT count(*) FROM %[1]s), (SELECT ARRAY[%[4]s] FROM last_key AS l),
-  (SELECT count(pg_advisory_xact_lock(%[5]d, bucket)) FROM generate_series(%[6]s, (SELECT %[7]s FROM last_key AS l)) AS bucket)`,
-		keysCTE, c.batchKeysCTE(r, withLower), strings.Join(desc, ", "), strings.Join(last, ", "),
-		g.Class, from, g.Bucket("l."+pgsql.Ident(g.Column)))
+SELECT (SELECT count(*) FROM %[1]s), (SELECT ARRAY[%[4]s] FROM last_key AS l)%[5]s`,
+		keysCTE, c.batchKeysCTE(r, withLower), strings.Join(desc, ", "), strings.Join(last, ", "), locks)
 }
 
 // keysCTE is the name of a batch's keys in its statements.
@@ -543,9 +556,13 @@ func (c *Copier) batchKeysCTE(r Range, withLower bool) string {
 		keysCTE, cols, m.Source.Quoted(), c.rangeWhere(r, withLower, "b"), cols, len(m.SourceKey)+1)
 }
 
-// takeGuard runs guardSQL, in a transaction set to guardLockTimeout, and
-// restores the batch's lock_timeout for what follows.
-func (c *Copier) takeGuard(ctx context.Context, tx pgx.Tx, sql string, args []any) (n int64, last []string, err error) {
+// takeBounds runs boundsSQL; guarded, in a transaction set to
+// guardLockTimeout, and restores the batch's lock_timeout for what follows.
+func (c *Copier) takeBounds(ctx context.Context, tx pgx.Tx, sql string, args []any, guarded bool) (n int64, last []string, err error) {
+	if !guarded {
+		err := tx.QueryRow(ctx, sql, args...).Scan(&n, &last)
+		return n, last, err
+	}
 	var locks int64
 	if err := tx.QueryRow(ctx, sql, args...).Scan(&n, &last, &locks); err != nil {
 		if pgsql.IsLockTimeout(err) {
@@ -556,14 +573,14 @@ func (c *Copier) takeGuard(ctx context.Context, tx pgx.Tx, sql string, args []an
 	return n, last, pgsql.SetLocalLockTimeout(ctx, tx, c.LockTimeout)
 }
 
-// guardedInsertSQL renders the guarded form's second statement: the mapped
+// boundedInsertSQL renders the two-step form's second statement: the mapped
 // rows after the lower bound up to the last key the first statement read
-// ($n+2+u.., u = 1 with an upper bound), unlocked. A row deleted from here
-// on is deleted from green by the sync once the batch commits (its trigger
-// waits for the bucket); one deleted before is not in this statement's
-// snapshot, which follows the locks. It returns the rows inserted. $n+1 (the
-// batch size) is not needed here, only typed.
-func (c *Copier) guardedInsertSQL(r Range, withLower bool, form batchForm) string {
+// ($n+2+u.., u = 1 with an upper bound), unlocked. Guarded, a row deleted
+// from here on is deleted from green by the sync once the batch commits (its
+// trigger waits for the bucket); one deleted before is not in this
+// statement's snapshot, which follows the locks. $n+1 (the batch size) is not
+// needed here, only typed.
+func (c *Copier) boundedInsertSQL(r Range, withLower bool, form batchForm) string {
 	m := c.Mapping
 	n := len(m.SourceKey)
 	first := n + 2 + b2i(r.Upper != nil)
@@ -576,10 +593,7 @@ func (c *Copier) guardedInsertSQL(r Range, withLower bool, form batchForm) strin
 		conflict = " " + m.OnConflictDoNothing()
 	}
 	key := m.SourceKeyList(m.Alias)
-	return fmt.Sprintf(`WITH ins AS (
-  %s WHERE %s AND %s <= (%s) AND $%d::bigint > 0 ORDER BY %s%s RETURNING 1
-)
-SELECT count(*) FROM ins`,
+	return fmt.Sprintf(`%s WHERE %s AND %s <= (%s) AND $%d::bigint > 0 ORDER BY %s%s`,
 		m.InsertSelect("ONLY "+m.Source.Quoted()), c.rangeWhere(r, withLower, m.Alias), key,
 		strings.Join(params, ", "), n+1, strings.TrimSuffix(strings.TrimPrefix(key, "("), ")"), conflict)
 }
