@@ -4,11 +4,14 @@ import (
 	"context"
 	"errors"
 	"os/exec"
+	"slices"
 	"strings"
+	gosync "sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/shadowctl/shadowctl/backfill"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/shadow"
 	"github.com/shadowctl/shadowctl/sync"
@@ -238,4 +241,62 @@ func TestLogicalCutoverWithoutApplierCatchesUpInRounds(t *testing.T) {
 	w.stopAndCheck(t)
 	db.assertGreenMatches(`SELECT id, customer_id, amount::numeric(12,2), status FROM `+m.State.Plan.Reverse.Target.Quoted(),
 		`SELECT id, customer_id, amount, status FROM green.orders`)
+}
+
+// Logical sync copies green with no index at all, its key included (only
+// the copy writes green until it is done, so no row can arrive twice), then
+// builds the key and the rest; the stream is not applied before they exist.
+func TestLogicalGreenIndexesBuiltAfterTheCopy(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(3000)
+	ctx := context.Background()
+	greenIndexes := func(ctx context.Context) []string {
+		var names []string
+		if err := db.Pool.QueryRow(ctx, `SELECT coalesce(array_agg(c.relname::text ORDER BY c.relname), '{}')
+			FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = 'green.orders'::regclass AND i.indisvalid`).Scan(&names); err != nil {
+			t.Errorf("green's indexes: %v", err)
+		}
+		return names
+	}
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical, BatchSize: 500})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var once gosync.Once
+	var duringCopy []string
+	db.Runner.Failpoints.CopyBatch = func(ctx context.Context, r backfill.Range) error {
+		once.Do(func() { duringCopy = greenIndexes(ctx) })
+		return nil
+	}
+	var followErr error
+	db.Runner.Failpoints.AfterPhase = func(ctx context.Context, to shadow.Phase) error {
+		if to == shadow.Verifying {
+			// Bounded: a follower that is let through runs until the
+			// migration moves on.
+			fctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+			defer cancel()
+			followErr = db.Runner.Follow(fctx, m.ID)
+		}
+		return nil
+	}
+	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		t.Fatal(err)
+	}
+	if duringCopy == nil || len(duringCopy) != 0 {
+		t.Errorf("green's indexes during the copy: %v, want none", duringCopy)
+	}
+	if followErr == nil || !strings.Contains(followErr.Error(), "building green's indexes") {
+		t.Errorf("follow before green's indexes were built: %v, want a refusal", followErr)
+	}
+	want := []string{"orders_created_at_idx", "orders_customer_id_idx", "orders_pkey"}
+	if got := greenIndexes(ctx); !slices.Equal(got, want) {
+		t.Errorf("green's indexes at ready: %v, want %v", got, want)
+	}
+	if n := scalar[int](db, `SELECT count(*) FROM pg_constraint WHERE conrelid = 'green.orders'::regclass AND contype = 'p' AND conname = 'orders_pkey'`); n != 1 {
+		t.Errorf("green has %d primary keys named orders_pkey, want 1", n)
+	}
+	db.assertGreenMatches(`SELECT id, customer_id, amount::numeric(12,2), status FROM orders`, `SELECT id, customer_id, amount, status FROM green.orders`)
+	if err := db.Runner.Abort(ctx, m.ID, ""); err != nil {
+		t.Fatal(err)
+	}
 }

@@ -155,6 +155,18 @@ func (r *Runner) Follow(ctx context.Context, id string) error {
 		if m.Phase == Copying {
 			return fmt.Errorf("migration %s is still copying: the stream is applied after the copy", id)
 		}
+		if m.Phase == Verifying && !m.State.IndexesBuilt {
+			// Green's indexes, its key included (deferKey), are built
+			// after the copy: the apply finds rows by the key, and plans
+			// its grouping once from green's unique indexes.
+			built, err := r.greenIndexesBuilt(ctx, m)
+			if err != nil {
+				return err
+			}
+			if !built {
+				return fmt.Errorf("migration %s is building green's indexes: the stream is applied after them", id)
+			}
+		}
 		runCtx, cancel := context.WithCancel(ctx)
 		done := make(chan struct{})
 		go func() { // stop when the migration moves on (cutover, abort)
@@ -192,6 +204,21 @@ func (r *Runner) Follow(ctx context.Context, id string) error {
 			return err
 		}
 	}
+}
+
+// greenIndexesBuilt says whether every deferred index of green exists and is
+// valid.
+func (r *Runner) greenIndexesBuilt(ctx context.Context, m *Migration) (bool, error) {
+	p := m.State.Plan
+	names := make([]string, len(p.DeferredIndexes))
+	for i, ix := range p.DeferredIndexes {
+		names[i] = pgsql.QualifiedName{Schema: p.Forward.Target.Schema, Name: ix.Name}.Quoted()
+	}
+	var built int
+	if err := r.Pool.QueryRow(ctx, `SELECT count(*) FROM pg_index WHERE indexrelid = ANY (SELECT to_regclass(n) FROM unnest($1::text[]) n) AND indisvalid`, names).Scan(&built); err != nil {
+		return false, fmt.Errorf("read green's indexes: %w", err)
+	}
+	return built == len(names), nil
 }
 
 // catchUp marks the current end of the WAL and waits until green has applied

@@ -519,20 +519,28 @@ func (r *Runner) copy(ctx context.Context, m *Migration) error {
 		return err
 	}
 	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("bulk copy done")
-	return pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+	if err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
 		return r.Store.SetPhase(ctx, tx, m.ID, []Phase{Copying}, Verifying, "")
-	})
+	}); err != nil {
+		return err
+	}
+	return r.afterPhase(ctx, Verifying)
 }
 
-// buildDeferred creates green's secondary indexes CONCURRENTLY (a plain
-// CREATE INDEX would block the sync, and through it the application), then
-// the constraints they back, then the foreign keys NOT VALID and validated.
-// While the application is busy, each build and the vacuum run gently: no
-// parallel workers, and the vacuum with autovacuum's cost delay.
+// buildDeferred builds green's deferred indexes and foreign keys, then
+// vacuums it.
 func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
+	if err := r.buildGreenIndexes(ctx, m); err != nil {
+		return err
+	}
+	return r.vacuumGreen(ctx, m)
+}
+
+// withMaintenanceConn runs fn on a connection of its own; gentle, called
+// before each step, sets it to run that step gently while the application is
+// busy: no parallel workers, and autovacuum's cost delay.
+func (r *Runner) withMaintenanceConn(ctx context.Context, m *Migration, fn func(conn *pgxpool.Conn, gentle func() error) error) error {
 	pc := r.pace(m)
-	p := m.State.Plan
-	green := p.Forward.Target
 	conn, err := r.Pool.Acquire(ctx)
 	if err != nil {
 		return err
@@ -542,14 +550,29 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 		// The connection goes back to the pool.
 		_, _ = conn.Exec(context.WithoutCancel(ctx), "RESET max_parallel_maintenance_workers; RESET vacuum_cost_delay")
 	}()
-	gentle := func() error {
+	return fn(conn, func() error {
 		workers, delay := "DEFAULT", "DEFAULT"
 		if pc(ctx).Busy {
 			workers, delay = "0", "'2ms'"
 		}
 		_, err := conn.Exec(ctx, "SET max_parallel_maintenance_workers = "+workers+"; SET vacuum_cost_delay = "+delay)
 		return err
-	}
+	})
+}
+
+// buildGreenIndexes creates green's deferred indexes (trigger sync:
+// CONCURRENTLY, since a plain CREATE INDEX would block the sync, and through
+// it the application; logical sync: plainly, key first), then the
+// constraints they back, then (trigger sync) the foreign keys NOT VALID.
+func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
+	return r.withMaintenanceConn(ctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
+		return r.buildGreenIndexesOn(ctx, m, conn, gentle)
+	})
+}
+
+func (r *Runner) buildGreenIndexesOn(ctx context.Context, m *Migration, conn *pgxpool.Conn, gentle func() error) error {
+	p := m.State.Plan
+	green := p.Forward.Target
 	for _, ix := range p.DeferredIndexes {
 		start := time.Now()
 		if err := gentle(); err != nil {
@@ -619,22 +642,29 @@ func (r *Runner) buildDeferred(ctx context.Context, m *Migration) error {
 			}
 		}
 	}
-	// Vacuum and analyze green before it can serve. ANALYZE: the planner
-	// knows nothing of a freshly loaded table. VACUUM: the bulk copy makes
-	// autovacuum pick green soon after, and an autovacuum holding green
-	// blocks the swap's lock (its lock_timeout is far below the deadlock
-	// timeout after which PostgreSQL would cancel the autovacuum): in the
-	// 8,000,000-row bench the cutover retried for 40 s behind one. SKIP_LOCKED:
-	// when an autovacuum is already at it, it does the same work.
-	start := time.Now()
-	if err := gentle(); err != nil {
-		return err
-	}
-	if _, err := conn.Exec(ctx, "VACUUM (ANALYZE, SKIP_LOCKED) "+green.Quoted()); err != nil {
-		return fmt.Errorf("vacuum green %s: %w", green, err)
-	}
-	r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("green vacuumed and analyzed")
 	return nil
+}
+
+// vacuumGreen vacuums and analyzes green before it can serve. ANALYZE: the
+// planner knows nothing of a freshly loaded table. VACUUM: the bulk copy
+// makes autovacuum pick green soon after, and an autovacuum holding green
+// blocks the swap's lock (its lock_timeout is far below the deadlock timeout
+// after which PostgreSQL would cancel the autovacuum): in the 8,000,000-row
+// bench the cutover retried for 40 s behind one. SKIP_LOCKED: when an
+// autovacuum is already at it, it does the same work.
+func (r *Runner) vacuumGreen(ctx context.Context, m *Migration) error {
+	green := m.State.Plan.Forward.Target
+	return r.withMaintenanceConn(ctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
+		start := time.Now()
+		if err := gentle(); err != nil {
+			return err
+		}
+		if _, err := conn.Exec(ctx, "VACUUM (ANALYZE, SKIP_LOCKED) "+green.Quoted()); err != nil {
+			return fmt.Errorf("vacuum green %s: %w", green, err)
+		}
+		r.Log.Info().Str("migration", m.ID).Dur("took", time.Since(start)).Msg("green vacuumed and analyzed")
+		return nil
+	})
 }
 
 // addGreenFK adds one of green's deferred foreign keys NOT VALID, unless it
@@ -706,10 +736,12 @@ func (r *Runner) verify(ctx context.Context, m *Migration) error {
 			// build is not taken for a stalled sync. (Starting the stream
 			// before the builds, so the WAL sender decodes the copy's rows
 			// meanwhile, gained nothing at 2,000,000 rows: both are
-			// CPU-bound on 2 cores.)
-			if err := r.buildDeferred(ctx, m); err != nil {
+			// CPU-bound on 2 cores.) The vacuum, on one core, runs with
+			// the comparison and the stream.
+			if err := r.buildGreenIndexes(ctx, m); err != nil {
 				return err
 			}
+			g.Go(func() error { return r.vacuumGreen(gctx, m) })
 		} else {
 			g.Go(func() error { return r.buildDeferred(gctx, m) })
 		}
@@ -736,17 +768,24 @@ func (r *Runner) compare(ctx context.Context, m *Migration) error {
 	if m.logical() {
 		stop := r.ensureFollower(ctx, m)
 		defer stop()
-		// First apply the backlog of the copy (every change made while it
-		// ran), however long it takes; per-chunk catch-ups are then short.
-		if err := r.catchUp(ctx, m, 0, time.Minute, false); err != nil {
-			return err
-		}
-		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, 30*time.Second, false) }
+		// The comparison starts with the stream, not after the copy's
+		// backlog: a chunk that matches in one snapshot is equal whatever
+		// green has yet to apply, and one that differs waits for the
+		// stream to catch up first. On an idle database the backlog is
+		// only the copy's own rows, which the WAL sender decodes on one
+		// core (2.6 s at 2,000,000 rows) while the comparison runs on the
+		// others. The stall limit is the backlog's: a chunk's catch-up may
+		// be the one that waits for all of it.
+		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, time.Minute, false) }
 		// Smaller chunks: with an asynchronous sync a chunk that is written
 		// to while compared is compared again, so hot chunks should be small.
 		v.ChunkRows = 5000
 	}
 	res, err := v.Run(ctx)
+	if err == nil && m.logical() {
+		// Ready means green is current, not only that it was equal.
+		err = r.catchUp(ctx, m, 0, time.Minute, false)
+	}
 	if serr := r.Store.SaveVerify(ctx, r.Pool, m.ID, res); serr != nil && err == nil {
 		err = serr
 	}
