@@ -560,65 +560,57 @@ func (r *Runner) withMaintenanceConn(ctx context.Context, m *Migration, fn func(
 	})
 }
 
-// buildGreenIndexes creates green's deferred indexes (trigger sync:
-// CONCURRENTLY, since a plain CREATE INDEX would block the sync, and through
-// it the application; logical sync: plainly, key first), then the
-// constraints they back, then (trigger sync) the foreign keys NOT VALID.
+// buildGreenIndexes creates green's deferred indexes, then (trigger sync)
+// its foreign keys NOT VALID. Trigger sync builds them CONCURRENTLY (a plain
+// CREATE INDEX would block the sync, and through it the application), one
+// at a time (each takes a lock that conflicts with the next). Logical sync
+// builds them plainly, the key first and alone; the others go two at a time
+// while the application is quiet: a build's last phase runs on one core.
 func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
-	return r.withMaintenanceConn(ctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
-		return r.buildGreenIndexesOn(ctx, m, conn, gentle)
-	})
-}
-
-func (r *Runner) buildGreenIndexesOn(ctx context.Context, m *Migration, conn *pgxpool.Conn, gentle func() error) error {
 	p := m.State.Plan
 	green := p.Forward.Target
-	for _, ix := range p.DeferredIndexes {
-		start := time.Now()
-		if err := gentle(); err != nil {
-			return err
+	ixs := p.DeferredIndexes
+	lanes := 1
+	if m.logical() {
+		if len(ixs) > 0 && ixs[0].Name == p.Green.KeyIndex {
+			if err := r.withMaintenanceConn(ctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
+				return r.buildGreenIndex(ctx, m, conn, gentle, ixs[0])
+			}); err != nil {
+				return err
+			}
+			ixs = ixs[1:]
 		}
-		// A concurrent build killed halfway leaves an INVALID index: drop it.
-		var valid *bool
-		if err := conn.QueryRow(ctx, `SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)`,
-			pgsql.QualifiedName{Schema: green.Schema, Name: ix.Name}.Quoted()).Scan(&valid); err != nil && !errors.Is(err, pgx.ErrNoRows) {
-			return err
+		if !r.pace(m)(ctx).Busy {
+			lanes = 2
 		}
-		if valid != nil && !*valid {
-			if _, err := conn.Exec(ctx, "DROP INDEX CONCURRENTLY IF EXISTS "+pgsql.QualifiedName{Schema: green.Schema, Name: ix.Name}.Quoted()); err != nil {
-				return fmt.Errorf("drop invalid index %s: %w", ix.Name, err)
+	}
+	next := make(chan pgmeta.Index)
+	g, gctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		defer close(next)
+		for _, ix := range ixs {
+			select {
+			case next <- ix:
+			case <-gctx.Done():
+				return gctx.Err()
 			}
 		}
-		stmt, err := rewriteIndexDef(ix.Def, p.Green, green, ix.Name, !m.logical())
-		if err != nil {
-			return err
-		}
-		if m.logical() {
-			// Only the apply writes green in logical sync, and it waits
-			// (verify starts it after the builds): a plain build reads the
-			// table once, where a concurrent one reads it twice and waits
-			// out every older transaction in between. A restart finds a
-			// plain build either done or not begun.
-			stmt = strings.Replace(stmt, "INDEX ", "INDEX IF NOT EXISTS ", 1)
-		}
-		if _, err := conn.Exec(ctx, stmt); err != nil {
-			return fmt.Errorf("build index %s on green: %w", ix.Name, err)
-		}
-		if ix.Constraint != "" {
-			kind := map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[ix.ConType]
-			err := r.withShortLock(ctx, m, "attach constraint "+ix.Constraint, func(tx pgx.Tx) error {
-				var has bool
-				if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), ix.Constraint).Scan(&has); err != nil || has {
-					return err
+		return nil
+	})
+	for range min(lanes, max(len(ixs), 1)) {
+		g.Go(func() error {
+			return r.withMaintenanceConn(gctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
+				for ix := range next {
+					if err := r.buildGreenIndex(gctx, m, conn, gentle, ix); err != nil {
+						return err
+					}
 				}
-				_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s USING INDEX %s", green.Quoted(), pgsql.Ident(ix.Constraint), kind, pgsql.Ident(ix.Name)))
-				return err
+				return nil
 			})
-			if err != nil {
-				return err
-			}
-		}
-		r.Log.Info().Str("migration", m.ID).Str("index", ix.Name).Dur("took", time.Since(start)).Msg("green index built")
+		})
+	}
+	if err := g.Wait(); err != nil {
+		return err
 	}
 	// Logical sync: green's foreign keys wait for the cutover. The stream
 	// replays changes that blue has long moved past (the copy's backlog,
@@ -642,6 +634,60 @@ func (r *Runner) buildGreenIndexesOn(ctx context.Context, m *Migration, conn *pg
 			}
 		}
 	}
+	return nil
+}
+
+// buildGreenIndex builds one of green's deferred indexes on conn, and the
+// constraint it backs. A restart finds a plain build done or not begun, and
+// drops what a killed concurrent one left.
+func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpool.Conn, gentle func() error, ix pgmeta.Index) error {
+	p := m.State.Plan
+	green := p.Forward.Target
+	start := time.Now()
+	if err := gentle(); err != nil {
+		return err
+	}
+	// A concurrent build killed halfway leaves an INVALID index: drop it.
+	var valid *bool
+	if err := conn.QueryRow(ctx, `SELECT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass($1)`,
+		pgsql.QualifiedName{Schema: green.Schema, Name: ix.Name}.Quoted()).Scan(&valid); err != nil && !errors.Is(err, pgx.ErrNoRows) {
+		return err
+	}
+	if valid != nil && !*valid {
+		if _, err := conn.Exec(ctx, "DROP INDEX CONCURRENTLY IF EXISTS "+pgsql.QualifiedName{Schema: green.Schema, Name: ix.Name}.Quoted()); err != nil {
+			return fmt.Errorf("drop invalid index %s: %w", ix.Name, err)
+		}
+	}
+	stmt, err := rewriteIndexDef(ix.Def, p.Green, green, ix.Name, !m.logical())
+	if err != nil {
+		return err
+	}
+	if m.logical() {
+		// Only the apply writes green in logical sync, and it waits
+		// (verify starts it after the builds): a plain build reads the
+		// table once, where a concurrent one reads it twice and waits
+		// out every older transaction in between. A restart finds a
+		// plain build either done or not begun.
+		stmt = strings.Replace(stmt, "INDEX ", "INDEX IF NOT EXISTS ", 1)
+	}
+	if _, err := conn.Exec(ctx, stmt); err != nil {
+		return fmt.Errorf("build index %s on green: %w", ix.Name, err)
+	}
+	if ix.Constraint != "" {
+		kind := map[string]string{"p": "PRIMARY KEY", "u": "UNIQUE"}[ix.ConType]
+		err := r.withShortLock(ctx, m, "attach constraint "+ix.Constraint, func(tx pgx.Tx) error {
+			var has bool
+			if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), ix.Constraint).Scan(&has); err != nil || has {
+				return err
+			}
+			_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s USING INDEX %s", green.Quoted(), pgsql.Ident(ix.Constraint), kind, pgsql.Ident(ix.Name)))
+			return err
+		})
+		if err != nil {
+			return err
+		}
+	}
+	r.Log.Info().Str("migration", m.ID).Str("index", ix.Name).Dur("took", time.Since(start)).Msg("green index built")
 	return nil
 }
 
@@ -768,14 +814,22 @@ func (r *Runner) compare(ctx context.Context, m *Migration) error {
 	if m.logical() {
 		stop := r.ensureFollower(ctx, m)
 		defer stop()
-		// The comparison starts with the stream, not after the copy's
-		// backlog: a chunk that matches in one snapshot is equal whatever
-		// green has yet to apply, and one that differs waits for the
-		// stream to catch up first. On an idle database the backlog is
-		// only the copy's own rows, which the WAL sender decodes on one
-		// core (2.6 s at 2,000,000 rows) while the comparison runs on the
-		// others. The stall limit is the backlog's: a chunk's catch-up may
-		// be the one that waits for all of it.
+		// On an idle database the comparison starts with the stream, not
+		// after the copy's backlog: a chunk that matches in one snapshot
+		// is equal whatever green has yet to apply, and one that differs
+		// waits for the stream to catch up before it is compared again.
+		// The backlog is then only the copy's own rows, which the WAL
+		// sender decodes on one core (2.6 s at 2,000,000 rows) while the
+		// comparison runs on the others. While the application is busy the
+		// backlog is drained first, as before: most chunks would differ
+		// until it is, and the drain and the comparison would both take
+		// from the application at once. The stall limit is the backlog's:
+		// a chunk's catch-up may be the one that waits for all of it.
+		if r.pace(m)(ctx).Busy {
+			if err := r.catchUp(ctx, m, 0, time.Minute, false); err != nil {
+				return err
+			}
+		}
 		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, time.Minute, false) }
 		// Smaller chunks: with an asynchronous sync a chunk that is written
 		// to while compared is compared again, so hot chunks should be small.
