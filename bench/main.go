@@ -41,6 +41,10 @@ type config struct {
 	Bin       string        // the shadowctl binary (SHADOWCTL_BIN, default bin/shadowctl)
 	OutDir    string        // bench/results
 	Keep      bool          // BENCH_KEEP=1 keeps the work folder (pgbench logs, CLI output)
+	// IdleReps (BENCH_IDLE_REPS, default 3) is how many times the raw limit
+	// and each mode's time to ready at idle are measured; the median is the
+	// figure. One run of each scattered by ±15 % on the shared machine.
+	IdleReps int
 	// Only, when not empty (BENCH_ONLY=raw,trigger,…), runs just those
 	// scenarios: raw, baseline, trigger, logical, repack, alter; "idle" skips
 	// the shadowctl runs under load. For working on one figure; a partial run
@@ -75,6 +79,12 @@ func loadConfig() (config, error) {
 	c.Load = time.Duration(secs) * time.Second
 	if c.Clients, err = envInt("BENCH_CLIENTS", c.Clients); err != nil {
 		return c, err
+	}
+	if c.IdleReps, err = envInt("BENCH_IDLE_REPS", 3); err != nil {
+		return c, err
+	}
+	if c.IdleReps < 1 {
+		return c, fmt.Errorf("BENCH_IDLE_REPS must be ≥ 1 (got %d)", c.IdleReps)
 	}
 	if c.Rows < 1000 || c.Load < 2*time.Second || c.Clients < 1 {
 		return c, fmt.Errorf("BENCH_ROWS must be ≥ 1000, BENCH_SECONDS ≥ 2 and BENCH_CLIENTS ≥ 1 (got %d, %s, %d)", c.Rows, c.Load, c.Clients)

@@ -230,6 +230,7 @@ func (b *bench) jsonOf(r *results) jsonOut {
 			"sync_window_s":    b.cfg.SyncWin.Seconds(),
 			"pgbench_protocol": "simple",
 			"start_args":       strings.Join(b.cfg.StartArgs, " "),
+			"idle_reps":        b.cfg.IdleReps,
 		},
 	}
 }
