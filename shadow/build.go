@@ -138,7 +138,8 @@ func buildGreen(ctx context.Context, tx pgx.Tx, req Request, blue *pgmeta.Table,
 	}
 	plan := &Plan{Blue: blue, Forward: fwd, Reverse: rev, Names: names, SearchPath: searchPath}
 
-	// Defer every index but the key, and every foreign key.
+	// Defer every index but the key (in logical sync the key too, below:
+	// deferKey), and every foreign key.
 	for _, ix := range greenT.Indexes {
 		if !secondary(greenT, ix) {
 			continue
