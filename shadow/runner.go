@@ -597,7 +597,7 @@ func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
 		}
 		return nil
 	})
-	for range min(lanes, max(len(ixs), 1)) {
+	for range min(lanes, len(ixs)) {
 		g.Go(func() error {
 			return r.withMaintenanceConn(gctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
 				for ix := range next {
@@ -666,8 +666,7 @@ func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpoo
 		// Only the apply writes green in logical sync, and it waits
 		// (verify starts it after the builds): a plain build reads the
 		// table once, where a concurrent one reads it twice and waits
-		// out every older transaction in between. A restart finds a
-		// plain build either done or not begun.
+		// out every older transaction in between.
 		stmt = strings.Replace(stmt, "INDEX ", "INDEX IF NOT EXISTS ", 1)
 	}
 	if _, err := conn.Exec(ctx, stmt); err != nil {

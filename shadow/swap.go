@@ -253,16 +253,16 @@ func (r *Runner) recordServing(ctx context.Context, tx pgx.Tx, m *Migration, fro
 	return r.Store.SetPhase(ctx, tx, m.ID, []Phase{from}, to, "")
 }
 
-// finishSwap records a swap's outcome: on success its measurements (the phase
-// was written by the swap itself); on failure, what the database serves
-// decides: unchanged, the phase goes back to prev; changed (a commit whose
-// answer was lost), the swap stands.
 // swapDrain is what a logical cutover did to catch green up (see drainForSwap).
 type swapDrain struct {
 	rounds    int
 	underLock time.Duration
 }
 
+// finishSwap records a swap's outcome: on success its measurements (the phase
+// was written by the swap itself); on failure, what the database serves
+// decides: unchanged, the phase goes back to prev; changed (a commit whose
+// answer was lost), the swap stands.
 func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev, to Phase, serving string, res cutover.SwapResult, swapErr error, fks []pgmeta.Constraint, drain swapDrain) (*Migration, error) {
 	ctx = context.WithoutCancel(ctx)
 	if swapErr != nil {
