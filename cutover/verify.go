@@ -37,7 +37,10 @@ type VerifyResult struct {
 	Seconds       float64 `json:"seconds"`
 	OK            bool    `json:"ok"`
 	FirstMismatch string  `json:"first_mismatch,omitempty"`
-	At            string  `json:"at"`
+	// CatchUps counts the catch-ups that served lagging chunks
+	// (asynchronous sync only).
+	CatchUps int    `json:"catch_ups,omitempty"`
+	At       string `json:"at"`
 }
 
 // Verifier compares a target table with the mapping of its source, chunk by
@@ -101,6 +104,15 @@ type chunk struct {
 }
 
 // Run verifies the whole table.
+//
+// With CatchUp set (an asynchronous sync), a chunk that differs is not
+// waited for on its own: it joins a queue of lagging chunks, and the
+// workers go on with fresh ones. The queue is compared again after one
+// catch-up serves all of it (when it holds recheckBatch chunks, when its
+// oldest has waited recheckAfter, or when no fresh chunk is left). Under
+// load nearly every chunk differs at first (the stream is a few hundred
+// milliseconds behind), and one catch-up per chunk made the catch-ups most
+// of the verification's time.
 func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 	start := time.Now()
 	res := VerifyResult{}
@@ -109,78 +121,159 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 	}
 	v.chooseHash(ctx)
 	chunks := make(chan chunk)
-	var rows, nchunks, mismatched, repaired atomic.Int64
+	var rows, nchunks, mismatched, repaired, catchUps atomic.Int64
 	var first atomic.Pointer[string]
+	lag := newLagQueue()
 	g, gctx := errgroup.WithContext(ctx)
 	var walked atomic.Bool
 	g.Go(func() error {
 		defer walked.Store(true)
 		defer close(chunks)
-		return v.walkChunks(gctx, chunks)
+		return v.walkChunks(gctx, chunks, lag)
 	})
+	// settle takes a chunk that still differs after its catch-ups to the
+	// quiet compare (asynchronous sync), then to repair.
+	settle := func(c chunk, n int64, ok bool, desc string) error {
+		var err error
+		if !ok && v.CatchUp != nil {
+			if n, ok, desc, err = v.compareQuiet(gctx, c); err != nil {
+				return err
+			}
+		}
+		if !ok {
+			mismatched.Add(1)
+			first.CompareAndSwap(nil, &desc)
+			if v.Repair {
+				if err := v.repair(gctx, c); err != nil {
+					return err
+				}
+				if n, ok, desc, err = v.compare(gctx, c); err != nil {
+					return err
+				}
+				if !ok {
+					return fmt.Errorf("%w after repair: %s", ErrMismatch, desc)
+				}
+				repaired.Add(1)
+				v.Log.Warn().Str("chunk", desc).Msg("chunk differed and was repaired")
+			}
+		}
+		rows.Add(n)
+		return nil
+	}
+	// rest paces a worker after work that began at started; a batch's
+	// catch-up counts as its work: the apply runs flat out for it.
+	rest := func(started time.Time) error {
+		if v.Pace == nil {
+			return nil
+		}
+		return v.Pace(gctx).RestAfter(gctx, time.Since(started))
+	}
+	recheck := func(batch []laggingChunk) error {
+		defer lag.release(len(batch))
+		started := time.Now()
+		if err := v.CatchUp(gctx); err != nil {
+			return err
+		}
+		catchUps.Add(1)
+		for _, l := range batch {
+			if v.Gate != nil {
+				if err := v.Gate(gctx); err != nil {
+					return err
+				}
+			}
+			n, ok, desc, err := v.compare(gctx, l.c)
+			if err != nil {
+				return err
+			}
+			switch {
+			case ok:
+				rows.Add(n)
+			case l.tries+1 < maxCatchUps:
+				lag.add(laggingChunk{c: l.c, tries: l.tries + 1})
+			default:
+				if err := settle(l.c, n, ok, desc); err != nil {
+					return err
+				}
+			}
+		}
+		return rest(started)
+	}
+	fresh := func(c chunk) error {
+		defer lag.release(1)
+		started := time.Now()
+		if v.Gate != nil {
+			if err := v.Gate(gctx); err != nil {
+				return err
+			}
+		}
+		n, ok, desc, err := v.compare(gctx, c)
+		if err != nil {
+			return err
+		}
+		nchunks.Add(1)
+		if !ok && v.CatchUp != nil {
+			lag.add(laggingChunk{c: c})
+		} else if err := settle(c, n, ok, desc); err != nil {
+			return err
+		}
+		return rest(started)
+	}
 	for w := 0; w < max(v.Workers, 1); w++ {
 		g.Go(func() error {
+			src := (<-chan chunk)(chunks)
 			for {
-				// A worker over the current pace takes no chunk.
+				// A worker over the current pace takes no chunk. Worker 0
+				// always may (the pace allows at least one): it finishes
+				// the lagging chunks when the others have left.
 				if turn, err := pace.WaitTurn(gctx, v.Pace, w, walked.Load); !turn {
 					return err
 				}
-				c, more := <-chunks
-				if !more {
-					return nil
-				}
-				started := time.Now()
-				if v.Gate != nil {
-					if err := v.Gate(gctx); err != nil {
+				if batch := lag.takeDue(src == nil); batch != nil {
+					if err := recheck(batch); err != nil {
 						return err
 					}
+					continue
 				}
-				n, ok, desc, err := v.compare(gctx, c)
-				if err != nil {
+				if src == nil {
+					if w > 0 {
+						return nil
+					}
+					changed, done := lag.settled()
+					if done {
+						return nil
+					}
+					select {
+					case <-changed:
+					case <-gctx.Done():
+						return gctx.Err()
+					}
+					continue
+				}
+				var due <-chan time.Time
+				var timer *time.Timer
+				if d, ok := lag.dueIn(); ok {
+					timer = time.NewTimer(d)
+					due = timer.C
+				}
+				var c chunk
+				more, got := true, false
+				select {
+				case c, more = <-src:
+					got = more
+				case <-due:
+				case <-gctx.Done():
+				}
+				if timer != nil {
+					timer.Stop()
+				}
+				if err := gctx.Err(); err != nil {
 					return err
 				}
-				nchunks.Add(1)
-				// A chunk's catch-ups count as its work under the pace:
-				// the apply runs flat out for them. (Under load the copy's
-				// backlog is drained before the comparison starts, so no
-				// chunk waits for all of it.)
-				if !ok && v.CatchUp != nil {
-					for try := 0; try < 3 && !ok; try++ {
-						if err := v.CatchUp(gctx); err != nil {
-							return err
-						}
-						if n, ok, desc, err = v.compare(gctx, c); err != nil {
-							return err
-						}
-					}
-					if !ok {
-						if n, ok, desc, err = v.compareQuiet(gctx, c); err != nil {
-							return err
-						}
-					}
+				if !more {
+					src = nil
 				}
-				if !ok {
-					mismatched.Add(1)
-					first.CompareAndSwap(nil, &desc)
-					if v.Repair {
-						if err := v.repair(gctx, c); err != nil {
-							return err
-						}
-						n, ok, desc, err = v.compare(gctx, c)
-						if err != nil {
-							return err
-						}
-						if ok {
-							repaired.Add(1)
-							v.Log.Warn().Str("chunk", desc).Msg("chunk differed and was repaired")
-						} else {
-							return fmt.Errorf("%w after repair: %s", ErrMismatch, desc)
-						}
-					}
-				}
-				rows.Add(n)
-				if v.Pace != nil {
-					if err := v.Pace(gctx).RestAfter(gctx, time.Since(started)); err != nil {
+				if got {
+					if err := fresh(c); err != nil {
 						return err
 					}
 				}
@@ -188,8 +281,14 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 		})
 	}
 	err := g.Wait()
+	if _, done := lag.settled(); err == nil && !done {
+		// Never reached: every queued chunk is compared by a worker still
+		// running. Checked because a chunk left here would pass unverified.
+		err = fmt.Errorf("verify %s: lagging chunks were left uncompared", v.Mapping.Target)
+	}
 	res.Rows, res.Chunks = rows.Load(), int(nchunks.Load())
 	res.Mismatched, res.Repaired = int(mismatched.Load()), int(repaired.Load())
+	res.CatchUps = int(catchUps.Load())
 	if p := first.Load(); p != nil {
 		res.FirstMismatch = *p
 	}
@@ -205,9 +304,104 @@ func (v *Verifier) Run(ctx context.Context) (VerifyResult, error) {
 	return res, nil
 }
 
+// Lagging chunks (asynchronous sync): see Run.
+const (
+	// recheckBatch and recheckAfter: when the queue is compared again. A
+	// catch-up costs a synchronously committed mark and at least one of the
+	// apply's commits (every 50 ms while awaited).
+	recheckBatch = 8
+	recheckAfter = 500 * time.Millisecond
+	// maxCatchUps: a chunk still differing after this many catch-ups is
+	// compared under a SHARE lock on blue (compareQuiet).
+	maxCatchUps = 3
+)
+
+// laggingChunk is a chunk that differed, waiting for a catch-up.
+type laggingChunk struct {
+	c     chunk
+	tries int // catch-ups it has had
+	since time.Time
+}
+
+// lagQueue holds the lagging chunks, and counts the chunks workers hold
+// (fresh or in a batch) so the last worker knows when nothing can join the
+// queue any more.
+type lagQueue struct {
+	mu      gosync.Mutex
+	items   []laggingChunk
+	held    int
+	changed chan struct{} // signalled when held drops or items grow
+}
+
+func newLagQueue() *lagQueue { return &lagQueue{changed: make(chan struct{}, 1)} }
+
+func (q *lagQueue) signal() {
+	select {
+	case q.changed <- struct{}{}:
+	default:
+	}
+}
+
+func (q *lagQueue) hold() {
+	q.mu.Lock()
+	q.held++
+	q.mu.Unlock()
+}
+
+func (q *lagQueue) release(n int) {
+	q.mu.Lock()
+	q.held -= n
+	q.mu.Unlock()
+	q.signal()
+}
+
+func (q *lagQueue) add(l laggingChunk) {
+	l.since = time.Now()
+	q.mu.Lock()
+	q.items = append(q.items, l)
+	q.mu.Unlock()
+	q.signal()
+}
+
+// takeDue hands out the whole queue, held by the caller until released,
+// when it is due (or force and not empty).
+func (q *lagQueue) takeDue(force bool) []laggingChunk {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.items) == 0 || !(force || len(q.items) >= recheckBatch || time.Since(q.items[0].since) >= recheckAfter) {
+		return nil
+	}
+	batch := q.items
+	q.items = nil
+	q.held += len(batch)
+	return batch
+}
+
+// dueIn is how long until the queue is due; false when it is empty.
+func (q *lagQueue) dueIn() (time.Duration, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if len(q.items) == 0 {
+		return 0, false
+	}
+	return max(recheckAfter-time.Since(q.items[0].since), time.Millisecond), true
+}
+
+// settled reports whether no chunk is queued or held; if not, the channel
+// to wait on for a change.
+func (q *lagQueue) settled() (<-chan struct{}, bool) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.changed, len(q.items) == 0 && q.held == 0
+}
+
 // walkChunks cuts the source key space into chunks of about ChunkRows rows.
-func (v *Verifier) walkChunks(ctx context.Context, out chan<- chunk) error {
+// Each chunk is counted as held (lag) before it is sent, so that no worker
+// can find the walk over and nothing held while a chunk is between the
+// walker and a worker.
+func (v *Verifier) walkChunks(ctx context.Context, out chan<- chunk, lag *lagQueue) error {
 	send := func(c chunk) error {
+		lag.hold()
 		select {
 		case out <- c:
 			return nil
