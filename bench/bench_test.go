@@ -10,8 +10,8 @@ import (
 	"time"
 )
 
-// The JSON carries exactly issue 8's keys (plus machine and settings), with
-// null for what was not measured.
+// The JSON carries exactly issue 8's keys (plus machine, settings and the
+// bare consumer's ratio), with null for what was not measured.
 func TestJSONKeysExactly(t *testing.T) {
 	b := &bench{cfg: config{Rows: 1000, Clients: 4, Threads: 2, Load: 20 * time.Second}, settings: map[string]string{"fsync": "on"}}
 	r := newResults(1000)
@@ -40,7 +40,7 @@ func TestJSONKeysExactly(t *testing.T) {
 	if k := keys(got["trigger"].(map[string]any)); k != "copy_idle_s,copy_load_s,cutover_max_latency_ms,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio,verify_rows_per_s" {
 		t.Errorf("trigger keys: %s", k)
 	}
-	if k := keys(got["logical"].(map[string]any)); k != "copy_idle_s,copy_load_s,cutover_max_latency_ms,lag_p99_s,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio" {
+	if k := keys(got["logical"].(map[string]any)); k != "bare_consumer_tps_ratio,copy_idle_s,copy_load_s,cutover_max_latency_ms,lag_p99_s,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio" {
 		t.Errorf("logical keys: %s", k)
 	}
 	if got["baseline_tps"] != 700.0 || got["raw_copy_s"] != nil || got["trigger"].(map[string]any)["copy_idle_s"] != nil {

@@ -71,6 +71,7 @@ type modeResult struct {
 	P99Ms               M
 	SyncTPSRatio        M
 	SyncAloneRatio      M // the sync-only window against the workload alone right after it (logical: stream paused)
+	BareConsumerRatio   M // logical: pg_recvlogical alone (nothing applied) against the stream-paused window before it
 	CutoverMaxLatencyMs M
 	LockWaitMs          M
 	LockHoldMs          M
@@ -129,6 +130,7 @@ func (r *modeResult) fields() []namedField {
 		{"workload p99 during copy (ms)", &r.P99Ms},
 		{"workload TPS ratio at ready, sync only (to the reference)", &r.SyncTPSRatio},
 		{"workload TPS ratio at ready, sync only (to the workload alone right after, stream paused)", &r.SyncAloneRatio},
+		{"workload TPS ratio with a bare pgoutput consumer, nothing applied (pg_recvlogical, to the stream-paused window)", &r.BareConsumerRatio},
 		{"workload max latency during cutover (ms)", &r.CutoverMaxLatencyMs},
 		{"cutover lock wait (ms)", &r.LockWaitMs},
 		{"cutover lock hold (ms)", &r.LockHoldMs},
@@ -194,6 +196,9 @@ type jsonLogical struct {
 	LockHoldMs          M `json:"lock_hold_ms"`
 	LagP99S             M `json:"lag_p99_s"`
 	PeakRSSMB           M `json:"peak_rss_mb"`
+	// Beyond the issue's keys: the same ratio with PostgreSQL's own
+	// consumer and nothing applied, the floor under sync_tps_ratio.
+	BareConsumerTPSRatio M `json:"bare_consumer_tps_ratio"`
 }
 
 type jsonOut struct {
@@ -217,7 +222,7 @@ func (b *bench) jsonOf(r *results) jsonOut {
 		Trigger: jsonTrigger{t.CopyIdleS, t.CopyLoadS, t.TPSRatio, t.SyncTPSRatio, t.P99Ms,
 			t.CutoverMaxLatencyMs, t.LockHoldMs, t.VerifyRowsPerS, t.PeakRSSMB},
 		Logical: jsonLogical{l.CopyIdleS, l.CopyLoadS, l.TPSRatio, l.SyncTPSRatio, l.P99Ms,
-			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB},
+			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB, l.BareConsumerRatio},
 		Machine: b.machine,
 		Settings: map[string]any{
 			"postgresql":       b.settings,

@@ -345,7 +345,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			return lerr
 		}
 		why := sr.reason()
-		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.CutoverMaxLatencyMs,
+		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.BareConsumerRatio, &m.CutoverMaxLatencyMs,
 			&m.LockWaitMs, &m.LockHoldMs, &m.LagP99S, &m.LagMaxS} {
 			*f = none(why)
 		}
@@ -382,13 +382,26 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	// ready. The reference was taken minutes and a million updates earlier,
 	// on a freshly cloned table, and the workload alone slows down over such
 	// a stretch too.
-	var t2b time.Time
+	var t2b, tb0, tb1 time.Time
 	if mode == "logical" {
 		rssKB = max(rssKB, stopFollow())
 		if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, stream paused"); err != nil {
 			return err
 		}
 		t2b = time.Now()
+		// Then PostgreSQL's own consumer alone, nothing applied: the
+		// floor under the sync-only ratio on this machine.
+		if stopBare, err := b.bareConsumer(ctx); err != nil {
+			r.note("%s run: %v", mode, err)
+		} else {
+			tb0 = time.Now()
+			err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, bare pgoutput consumer")
+			tb1 = time.Now()
+			stopBare()
+			if err != nil {
+				return err
+			}
+		}
 		// The cutover then meets the stream as the daemon leaves it: a
 		// follower running and caught up. (Without one, the cutover applies
 		// the backlog itself, and in the runs that measured it the swap
@@ -429,15 +442,24 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	if s, err := l.window(t1, t2); err == nil {
 		m.SyncTPSRatio = ratio(some(s.TPS), ref)
 		m.SyncAloneRatio = none("trigger sync cannot be paused: it runs in the application's transactions")
+		m.BareConsumerRatio = none("not applicable: trigger sync reads no stream")
 		if mode == "logical" {
 			if a, err := l.window(t2, t2b); err == nil {
 				m.SyncAloneRatio = ratio(some(s.TPS), some(a.TPS))
+				m.BareConsumerRatio = none("the bare consumer did not run (see the notes)")
+				if !tb0.IsZero() {
+					if c, err := l.window(tb0, tb1); err == nil {
+						m.BareConsumerRatio = ratio(some(c.TPS), some(a.TPS))
+					} else {
+						m.BareConsumerRatio = none(err.Error())
+					}
+				}
 			} else {
-				m.SyncAloneRatio = none(err.Error())
+				m.SyncAloneRatio, m.BareConsumerRatio = none(err.Error()), none(err.Error())
 			}
 		}
 	} else {
-		m.SyncTPSRatio, m.SyncAloneRatio = none(err.Error()), none(err.Error())
+		m.SyncTPSRatio, m.SyncAloneRatio, m.BareConsumerRatio = none(err.Error()), none(err.Error()), none(err.Error())
 	}
 	switch {
 	case !hasCutover:

@@ -120,9 +120,10 @@ func TestIssue4InboundForeignKeys(t *testing.T) {
 
 // Trigger sync: green's own foreign keys are added NOT VALID when its indexes
 // are built, so every write the sync makes is checked from then on, and
-// their rows are validated after the cutover rather than before ready (the
-// verification has shown green holds blue's rows, which blue's key checked).
-func TestTriggerSyncGreenForeignKeyCheckedAtReadyValidatedAfterCutover(t *testing.T) {
+// their rows are validated at finalize rather than before ready or in the
+// cutover command (the verification has shown green holds blue's rows,
+// which blue's key checked).
+func TestTriggerSyncGreenForeignKeyCheckedAtReadyValidatedAtFinalize(t *testing.T) {
 	db := newTestDB(t)
 	db.createOrders(2000)
 	ctx := context.Background()
@@ -142,10 +143,16 @@ func TestTriggerSyncGreenForeignKeyCheckedAtReadyValidatedAfterCutover(t *testin
 	if m, err = db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{}); err != nil {
 		t.Fatal(err)
 	}
-	if all, valid := db.foreignKeysOf("green.orders"); all != 1 || valid != 1 {
-		t.Fatalf("after the cutover green has %d foreign keys, %d valid; want 1, valid", all, valid)
+	if all, valid := db.foreignKeysOf("green.orders"); all != 1 || valid != 0 {
+		t.Fatalf("after the cutover green has %d foreign keys, %d valid; want 1, not yet valid", all, valid)
+	}
+	if _, err := db.Pool.Exec(ctx, `INSERT INTO orders (customer_id, amount) VALUES (999999, 1)`); pgsql.Code(err) != "23503" {
+		t.Fatalf("an order of a missing customer through the view after the cutover: %v, want a foreign key violation", err)
 	}
 	if _, err := db.Runner.Finalize(ctx, m.ID, 0, true, shadow.CutoverOptions{}); err != nil {
 		t.Fatal(err)
+	}
+	if all, valid := db.foreignKeysOf("public.orders"); all != 1 || valid != 1 {
+		t.Fatalf("after finalize orders has %d foreign keys, %d valid; want 1, valid", all, valid)
 	}
 }

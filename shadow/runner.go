@@ -620,7 +620,7 @@ func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
 	//
 	// Trigger sync: they are added NOT VALID now, so every write the sync
 	// makes is checked from here on, and the rows already there are
-	// validated after the cutover (as in logical sync). Validating them
+	// validated at finalize (as in logical sync). Validating them
 	// here would add a full join of green with each referenced table to
 	// time to ready (1.5 s of 15 at 2,000,000 rows) and prove nothing the
 	// verification does not: green holds exactly blue's rows, which blue's

@@ -228,14 +228,14 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 			r.Log.Error().Err(rerr).Msg("could not drop the replication slot after the cutover; drop it by hand")
 		}
 	}
-	if err == nil {
-		// Green's foreign keys check every write already (NOT VALID since
-		// the build, or the swap itself in logical sync); their rows are
-		// validated now, with writes going on.
-		if verr := r.validateGreenFKs(context.WithoutCancel(ctx), m, green); verr != nil {
-			r.Log.Error().Err(verr).Str("migration", m.ID).Msg("a foreign key of green stays NOT VALID; finalize validates it again")
-		}
-	}
+	// Green's foreign keys check every write already (NOT VALID since the
+	// build, or since the swap itself in logical sync); finalize validates
+	// their rows, before green becomes the table. Not here: the validation
+	// joins all of green with each referenced table, and it kept the
+	// cutover command running for 7.5 s after a 14 ms swap at 8,000,000
+	// rows, loading the server right as green took its first traffic. The
+	// rows need no proof the verification has not given: green holds
+	// exactly blue's rows, which blue's own keys checked.
 	return m2, err
 }
 

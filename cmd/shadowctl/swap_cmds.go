@@ -57,6 +57,9 @@ func init() {
 				lc := m.State.LastCutover
 				fmt.Fprintf(c.App.Writer, "migration %s cut over: %s now serves from %s (%s)\n",
 					id, m.Table, m.State.Plan.Forward.Target, lc.Summary())
+				if n := len(m.State.Plan.DeferredConstraints); n > 0 {
+					fmt.Fprintf(c.App.Writer, "green's %d foreign key(s) check every write (NOT VALID); finalize validates the rows already there\n", n)
+				}
 				return nil
 			})
 		},

@@ -1,0 +1,64 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os/exec"
+	"syscall"
+	"time"
+)
+
+// bareSlot is the bare consumer's slot and publication.
+const bareSlot = "bench_bare_consumer"
+
+// bareConsumer starts PostgreSQL's own logical consumer, pg_recvlogical,
+// reading pgoutput for orders on a slot of its own into /dev/null: the
+// stream with nothing applied. The issue puts its cost to the workload at
+// "about 13 %"; measured in the same run, it is the floor under logical
+// sync's sync_tps_ratio. It returns once the slot is being read; stop ends
+// the consumer and drops its slot and publication.
+func (b *bench) bareConsumer(ctx context.Context) (stop func(), err error) {
+	drop := func(ctx context.Context) {
+		_, _ = b.pool.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, bareSlot)
+		_, _ = b.pool.Exec(ctx, `DROP PUBLICATION IF EXISTS `+bareSlot)
+	}
+	drop(ctx)
+	if _, err := b.pool.Exec(ctx, `CREATE PUBLICATION `+bareSlot+` FOR TABLE public.orders`); err != nil {
+		return nil, fmt.Errorf("bare consumer: %w", err)
+	}
+	if _, err := b.pool.Exec(ctx, `SELECT pg_create_logical_replication_slot($1, 'pgoutput')`, bareSlot); err != nil {
+		drop(ctx)
+		return nil, fmt.Errorf("bare consumer: %w", err)
+	}
+	cmd := exec.Command(b.srv.BinDir+"/pg_recvlogical", "-d", b.dsn, "--slot", bareSlot, "--start",
+		"-o", "proto_version=1", "-o", "publication_names="+bareSlot, "-f", "/dev/null")
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		drop(ctx)
+		return nil, fmt.Errorf("bare consumer: start pg_recvlogical: %w", err)
+	}
+	stop = func() {
+		_ = cmd.Process.Signal(syscall.SIGINT)
+		_ = cmd.Wait()
+		drop(context.WithoutCancel(ctx))
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	t := time.NewTicker(50 * time.Millisecond)
+	defer t.Stop()
+	for {
+		var active bool
+		if err := b.pool.QueryRow(ctx, `SELECT active FROM pg_replication_slots WHERE slot_name = $1`, bareSlot).Scan(&active); err == nil && active {
+			return stop, nil
+		}
+		if time.Now().After(deadline) {
+			stop()
+			return nil, fmt.Errorf("bare consumer: pg_recvlogical did not start reading within 10 s")
+		}
+		select {
+		case <-ctx.Done():
+			stop()
+			return nil, ctx.Err()
+		case <-t.C:
+		}
+	}
+}
