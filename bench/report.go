@@ -73,13 +73,16 @@ type modeResult struct {
 	SyncAloneRatio      M // the sync-only window against the workload alone right after it (logical: stream paused)
 	BareConsumerRatio   M // logical: pg_recvlogical alone (nothing applied) against the stream-paused window before it
 	CutoverMaxLatencyMs M
-	LockWaitMs          M
-	LockHoldMs          M
-	VerifyRowsPerS      M
-	PeakRSSMB           M
-	LagP99S             M
-	LagMaxS             M
-	Errors              M // workload errors from start to after the cutover
+	// FinalizeMaxLatencyMs: finalize runs under the workload too (it
+	// validates green's foreign keys and makes the last swap).
+	FinalizeMaxLatencyMs M
+	LockWaitMs           M
+	LockHoldMs           M
+	VerifyRowsPerS       M
+	PeakRSSMB            M
+	LagP99S              M
+	LagMaxS              M
+	Errors               M // workload errors from start to after the cutover
 }
 
 // allNone marks every figure as not measured for one reason.
@@ -132,13 +135,14 @@ func (r *modeResult) fields() []namedField {
 		{"workload TPS ratio at ready, sync only (to the workload alone right after, stream paused)", &r.SyncAloneRatio},
 		{"workload TPS ratio with a bare pgoutput consumer, nothing applied (pg_recvlogical, to the stream-paused window)", &r.BareConsumerRatio},
 		{"workload max latency during cutover (ms)", &r.CutoverMaxLatencyMs},
+		{"workload max latency during finalize (ms)", &r.FinalizeMaxLatencyMs},
 		{"cutover lock wait (ms)", &r.LockWaitMs},
 		{"cutover lock hold (ms)", &r.LockHoldMs},
 		{"verification (rows/s)", &r.VerifyRowsPerS},
 		{"peak RSS of shadowctl (MB)", &r.PeakRSSMB},
 		{"sync lag p99 (s)", &r.LagP99S},
 		{"sync lag max (s)", &r.LagMaxS},
-		{"workload errors, start → after cutover", &r.Errors},
+		{"workload errors, start → finalize", &r.Errors},
 	}
 }
 

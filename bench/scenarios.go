@@ -345,7 +345,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			return lerr
 		}
 		why := sr.reason()
-		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.BareConsumerRatio, &m.CutoverMaxLatencyMs,
+		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.BareConsumerRatio, &m.CutoverMaxLatencyMs, &m.FinalizeMaxLatencyMs,
 			&m.LockWaitMs, &m.LockHoldMs, &m.LagP99S, &m.LagMaxS} {
 			*f = none(why)
 		}
@@ -427,6 +427,21 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	t3 := time.Now()
 	stopPoll()
 	pollWG.Wait()
+	loadStatus, stR := b.status(ctx, loadID)
+	// Finalize with the workload still running: it validates green's
+	// foreign keys (a join of the whole table), which the cutover leaves
+	// to it, and its swap is the last lock the application meets.
+	var tf0, tf1 time.Time
+	finalized := false
+	if hasCutover && cr.ok() {
+		tf0 = time.Now()
+		fr := b.shadowctl(ctx, loadID+"-finalize", "finalize", loadID, "--force")
+		tf1 = time.Now()
+		rssKB = max(rssKB, fr.maxRSSKB)
+		if finalized = fr.ok(); !finalized {
+			r.note("%s load run: %s", mode, fr.reason())
+		}
+	}
 	l, err := w.stop()
 	if err != nil {
 		return err
@@ -473,7 +488,20 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			m.CutoverMaxLatencyMs = none(err.Error())
 		}
 	}
-	errs := l.errorsBetween(t0, t3)
+	m.FinalizeMaxLatencyMs = none("no finalize ran (no cutover)")
+	if !tf0.IsZero() {
+		if s, err := l.window(tf0, tf1); err == nil {
+			m.FinalizeMaxLatencyMs = some(s.MaxMs)
+			r.note("%s run: finalize took %.2f s under load", mode, tf1.Sub(tf0).Seconds())
+		} else {
+			m.FinalizeMaxLatencyMs = none(err.Error())
+		}
+	}
+	tEnd := t3
+	if tf1.After(tEnd) {
+		tEnd = tf1
+	}
+	errs := l.errorsBetween(t0, tEnd)
 	m.Errors = some(float64(errs))
 	if errs > 0 {
 		r.note("%s run: %d workload errors: %s", mode, errs, strings.Join(l.errors, "; "))
@@ -481,19 +509,16 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	if mode == "logical" {
 		m.LagP99S, m.LagMaxS = lag.figures()
 	}
-	loadStatus, stR := b.status(ctx, loadID)
 	loadWhy := ""
 	if loadStatus == nil {
 		loadWhy = stR.reason()
 		r.note("%s load run: %s", mode, loadWhy)
 	}
 	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy, hasCutover && cr.ok())
-	if hasCutover && cr.ok() {
-		if fr := b.shadowctl(ctx, loadID+"-finalize", "finalize", loadID, "--force"); !fr.ok() {
-			r.note("%s load run: %s", mode, fr.reason())
+	if !finalized {
+		if ar := b.shadowctl(ctx, loadID+"-abort", "abort", loadID); !ar.ok() {
+			r.note("%s load run: %s", mode, ar.reason())
 		}
-	} else if ar := b.shadowctl(ctx, loadID+"-abort", "abort", loadID); !ar.ok() {
-		r.note("%s load run: %s", mode, ar.reason())
 	}
 	return b.clean(ctx)
 }
