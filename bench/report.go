@@ -82,7 +82,7 @@ type modeResult struct {
 	PeakRSSMB            M
 	LagP99S              M
 	LagMaxS              M
-	Errors               M // workload errors from start to after the cutover
+	Errors               M // workload errors from start through finalize
 }
 
 // allNone marks every figure as not measured for one reason.
