@@ -441,6 +441,11 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		if finalized = fr.ok(); !finalized {
 			r.note("%s load run: %s", mode, fr.reason())
 		}
+		// The pgbench log must cover the window's end: transactions are
+		// logged when they finish.
+		if err := w.holdOrNote(ctx, 2*time.Second, r, mode+" run, after finalize"); err != nil {
+			return err
+		}
 	}
 	l, err := w.stop()
 	if err != nil {
