@@ -1,9 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"context"
+	"errors"
 	"fmt"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -16,8 +21,9 @@ const bareSlot = "bench_bare_consumer"
 // stream with nothing applied. The issue puts its cost to the workload at
 // "about 13 %"; measured in the same run, it is the floor under logical
 // sync's sync_tps_ratio. It returns once the slot is being read; stop ends
-// the consumer and drops its slot and publication.
-func (b *bench) bareConsumer(ctx context.Context) (stop func(), err error) {
+// the consumer and drops its slot and publication, and fails when the
+// consumer had exited early (the window then measured nothing).
+func (b *bench) bareConsumer(ctx context.Context) (stop func() error, err error) {
 	drop := func(ctx context.Context) {
 		_, _ = b.pool.Exec(ctx, `SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots WHERE slot_name = $1`, bareSlot)
 		_, _ = b.pool.Exec(ctx, `DROP PUBLICATION IF EXISTS `+bareSlot)
@@ -33,14 +39,26 @@ func (b *bench) bareConsumer(ctx context.Context) (stop func(), err error) {
 	cmd := exec.Command(b.srv.BinDir+"/pg_recvlogical", "-d", b.dsn, "--slot", bareSlot, "--start",
 		"-o", "proto_version=1", "-o", "publication_names="+bareSlot, "-f", "/dev/null")
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	var stderr bytes.Buffer
+	cmd.Stderr = &stderr
 	if err := cmd.Start(); err != nil {
 		drop(ctx)
 		return nil, fmt.Errorf("bare consumer: start pg_recvlogical: %w", err)
 	}
-	stop = func() {
-		_ = cmd.Process.Signal(syscall.SIGINT)
-		_ = cmd.Wait()
+	exited := make(chan struct{})
+	go func() { _ = cmd.Wait(); close(exited) }()
+	stop = func() error {
+		var err error
+		select {
+		case <-exited: // it should have been reading all along
+			err = fmt.Errorf("bare consumer: pg_recvlogical exited before the window ended: %s", strings.TrimSpace(stderr.String()))
+		default:
+			_ = cmd.Process.Signal(syscall.SIGINT)
+			<-exited
+		}
+		_ = os.WriteFile(filepath.Join(b.work, "pg_recvlogical.err"), stderr.Bytes(), 0o644)
 		drop(context.WithoutCancel(ctx))
+		return err
 	}
 	deadline := time.Now().Add(10 * time.Second)
 	t := time.NewTicker(50 * time.Millisecond)
@@ -51,12 +69,11 @@ func (b *bench) bareConsumer(ctx context.Context) (stop func(), err error) {
 			return stop, nil
 		}
 		if time.Now().After(deadline) {
-			stop()
-			return nil, fmt.Errorf("bare consumer: pg_recvlogical did not start reading within 10 s")
+			return nil, errors.Join(fmt.Errorf("bare consumer: pg_recvlogical did not start reading within 10 s"), stop())
 		}
 		select {
 		case <-ctx.Done():
-			stop()
+			_ = stop()
 			return nil, ctx.Err()
 		case <-t.C:
 		}

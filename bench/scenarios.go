@@ -397,7 +397,10 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			tb0 = time.Now()
 			err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, bare pgoutput consumer")
 			tb1 = time.Now()
-			stopBare()
+			if serr := stopBare(); serr != nil {
+				r.note("%s run: %v", mode, serr)
+				tb0 = time.Time{}
+			}
 			if err != nil {
 				return err
 			}

@@ -72,7 +72,18 @@ type SwapOptions struct {
 	// Retryable, when set, marks more errors of the body as worth another
 	// attempt (besides lock timeouts, deadlocks and serialization failures).
 	Retryable func(error) bool
-	Log       zerolog.Logger
+	// AsyncCommit commits without waiting for the WAL flush, so the locks
+	// are released as soon as the commit record is written: the flush
+	// (an fsync, 10–100 ms on a busy disk) is not spent holding the
+	// application back. The caller must make the swap durable before it
+	// reports success, by committing any write with synchronous_commit on
+	// after Swap returns: that flush covers the WAL before it, the swap's
+	// commit included. Until then, no application write that saw the swap
+	// can be durable without it either (its own commit flushes the WAL
+	// through the swap's), so a crash can undo the swap but never split it
+	// from what followed.
+	AsyncCommit bool
+	Log         zerolog.Logger
 }
 
 // SwapResult measures a successful swap.
@@ -80,6 +91,12 @@ type SwapResult struct {
 	Attempts int           `json:"attempts"`
 	LockWait time.Duration `json:"lock_wait_ns"`
 	LockHold time.Duration `json:"lock_hold_ns"`
+	// Commit is the part of LockHold spent in COMMIT.
+	Commit time.Duration `json:"commit_ns"`
+	// AfterCommitLSN is the WAL insert position read just after the commit
+	// (at or past the commit record's end): the WAL must be flushed this
+	// far before the swap is durable. Empty when it could not be read.
+	AfterCommitLSN string `json:"after_commit_lsn,omitempty"`
 	// queuedAt is the server's clock just before the attempt asked for its
 	// first lock (zero when it never got that far).
 	queuedAt time.Time
@@ -185,11 +202,17 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	if err := body(ctx, tx); err != nil {
 		return res, err
 	}
+	if opts.AsyncCommit {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
+			return res, err
+		}
+	}
 	if opts.BeforeCommit != nil {
 		if err := opts.BeforeCommit(ctx, tx); err != nil {
 			return res, fmt.Errorf("%w: %v", ErrAmbiguousCommit, err)
 		}
 	}
+	committing := time.Now()
 	if err := tx.Commit(ctx); err != nil {
 		if connectionLost(err) { // no answer to the COMMIT itself: outcome unknown
 			return res, fmt.Errorf("%w: %v", ErrAmbiguousCommit, err)
@@ -197,6 +220,8 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 		return res, err
 	}
 	res.LockHold = time.Since(granted)
+	res.Commit = time.Since(committing)
+	_ = conn.QueryRow(ctx, "SELECT pg_current_wal_insert_lsn()::text").Scan(&res.AfterCommitLSN)
 	return res, nil
 }
 

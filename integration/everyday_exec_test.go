@@ -349,21 +349,9 @@ func TestEverydayExecContractGuardWithoutExtension(t *testing.T) {
 // read is refused with --strict and warned about without it.
 func TestEverydayExecContractGuardWithPgStatStatements(t *testing.T) {
 	ctx := context.Background()
-	bin := pgtest.Current(t).BinDir
-	if bin == "" {
-		// Only with SHADOWCTL_TEST_DSN and no local binaries; CI must not skip.
-		if os.Getenv("CI") == "true" {
-			t.Fatal("no local server binaries to start a cluster with pg_stat_statements loaded")
-		}
-		t.Skip("no local server binaries to start a cluster with pg_stat_statements loaded")
-	}
-	srv, err := pgtest.StartCluster(ctx, bin, pgtest.ClusterOptions{Settings: map[string]string{
+	srv := ownCluster(t, "with pg_stat_statements loaded", map[string]string{
 		"shared_preload_libraries": "'pg_stat_statements'",
-	}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(srv.Stop)
+	})
 	dsn := srv.AdminDSN
 	c, err := pgx.Connect(ctx, dsn)
 	if err != nil {

@@ -123,3 +123,24 @@ func (db *testDB) foreignKeysOf(table string) (all, valid int) {
 	}
 	return all, valid
 }
+
+// ownCluster starts a throwaway cluster of the test's own, with extra
+// settings, for what the shared one must not change. Where no server
+// binaries are found (SHADOWCTL_TEST_DSN only) the test is skipped, but
+// never under CI=true.
+func ownCluster(t *testing.T, why string, settings map[string]string) *pgtest.Server {
+	t.Helper()
+	bin := pgtest.Current(t).BinDir
+	if bin == "" {
+		if os.Getenv("CI") == "true" {
+			t.Fatalf("no local server binaries to start a cluster %s", why)
+		}
+		t.Skipf("no local server binaries to start a cluster %s", why)
+	}
+	srv, err := pgtest.StartCluster(context.Background(), bin, pgtest.ClusterOptions{Settings: settings})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(srv.Stop)
+	return srv
+}

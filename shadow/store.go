@@ -83,6 +83,12 @@ type SwapRecord struct {
 	// long the catch-up under the lock took (part of the hold).
 	DrainRounds        int     `json:"drain_rounds,omitempty"`
 	CatchUpUnderLockMS float64 `json:"catch_up_under_lock_ms,omitempty"`
+	// CommitMS is the part of the hold spent in COMMIT (the swap commits
+	// without waiting for the WAL flush; the record of it made it durable).
+	CommitMS float64 `json:"commit_ms"`
+	// AfterCommitLSN: the WAL position the swap is durable at (flushed
+	// before the record of it was, see cutover.SwapResult).
+	AfterCommitLSN string `json:"after_commit_lsn,omitempty"`
 }
 
 // Summary is the swap's figures as operators read them in messages and

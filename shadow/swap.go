@@ -34,6 +34,15 @@ type CutoverOptions struct {
 // DefaultMaxCutoverStall is the logical drain budget of a cutover attempt.
 const DefaultMaxCutoverStall = 2 * time.Second
 
+// asyncSwapOptions are swapOptions for a swap that commits without waiting
+// for the WAL flush; finishSwap's record of it, committed synchronously,
+// makes it durable before anyone is told (cutover.SwapOptions.AsyncCommit).
+func (o CutoverOptions) asyncSwapOptions(r *Runner, id string) cutover.SwapOptions {
+	so := o.swapOptions(r, id)
+	so.AsyncCommit = true
+	return so
+}
+
 func (o CutoverOptions) swapOptions(r *Runner, id string) cutover.SwapOptions {
 	d := o.Deadline
 	if d <= 0 {
@@ -219,7 +228,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 			return err
 		}
 		return r.recordServing(ctx, tx, m, CuttingOver, CutOver, "green")
-	}, opts.swapOptions(r, id))
+	}, opts.asyncSwapOptions(r, id))
 	m2, err := r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs, swapDrain{drainRounds, caughtUpUnderLock})
 	if logical && err == nil {
 		stopFollower()
@@ -288,8 +297,14 @@ func (r *Runner) finishSwap(ctx context.Context, m *Migration, kind string, prev
 	}
 	m.State.LastCutover = &SwapRecord{Kind: kind, At: time.Now().UTC(), Attempts: res.Attempts,
 		LockWaitMS: float64(res.LockWait.Microseconds()) / 1000, LockHoldMS: float64(res.LockHold.Microseconds()) / 1000,
-		DrainRounds: drain.rounds, CatchUpUnderLockMS: float64(drain.underLock.Microseconds()) / 1000}
+		DrainRounds: drain.rounds, CatchUpUnderLockMS: float64(drain.underLock.Microseconds()) / 1000,
+		CommitMS: float64(res.Commit.Microseconds()) / 1000, AfterCommitLSN: res.AfterCommitLSN}
+	// Committed synchronously whatever the session's default: its flush
+	// makes the swap's asynchronous commit durable too (the WAL before it).
 	err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = on"); err != nil {
+			return err
+		}
 		if err := r.Store.SaveState(ctx, tx, m.ID, m.State); err != nil {
 			return err
 		}
@@ -363,7 +378,7 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 			return err
 		}
 		return r.recordServing(ctx, tx, m, RollingBack, RolledBack, "blue")
-	}, opts.swapOptions(r, id))
+	}, opts.asyncSwapOptions(r, id))
 	return r.finishSwap(ctx, m, "rollback", CutOver, RolledBack, "blue", res, err, p.Blue.InboundFKs, swapDrain{})
 }
 
