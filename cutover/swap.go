@@ -72,6 +72,14 @@ type SwapOptions struct {
 	// Retryable, when set, marks more errors of the body as worth another
 	// attempt (besides lock timeouts, deadlocks and serialization failures).
 	Retryable func(error) bool
+	// Guarded relations are locked first, in SHARE UPDATE EXCLUSIVE mode:
+	// their writers go on, while autovacuum and DDL stay off them until the
+	// swap ends. For a relation the body locks fully later (green in
+	// logical sync, after the stream has drained into it): an autovacuum
+	// there would make that lock wait while blue's is held, the application
+	// waiting with it; met here, it only delays the attempt, and a retry
+	// cancels it.
+	Guarded []pgsql.QualifiedName
 	// AsyncCommit commits without waiting for the WAL flush, so the locks
 	// are released as soon as the commit record is written: the flush
 	// (an fsync, 10–100 ms on a busy disk) is not spent holding the
@@ -183,7 +191,18 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 		return res, err
 	}
 	lockStart := time.Now()
-	for i, rel := range relations {
+	type lock struct {
+		rel  pgsql.QualifiedName
+		mode string
+	}
+	var locks []lock
+	for _, rel := range opts.Guarded {
+		locks = append(locks, lock{rel, "SHARE UPDATE EXCLUSIVE"})
+	}
+	for _, rel := range relations {
+		locks = append(locks, lock{rel, "ACCESS EXCLUSIVE"})
+	}
+	for i, l := range locks {
 		// One budget for all the LOCKs: while waiting for a later relation
 		// the swap already holds the earlier ones, and the application
 		// queues behind it. (What is left also bounds the body's own locks.)
@@ -192,9 +211,9 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 				return res, err
 			}
 		}
-		if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
+		if _, err := tx.Exec(ctx, "LOCK TABLE "+l.rel.Quoted()+" IN "+l.mode+" MODE"); err != nil {
 			res.LockWait = time.Since(lockStart)
-			return res, fmt.Errorf("lock %s: %w", rel, err)
+			return res, fmt.Errorf("lock %s: %w", l.rel, err)
 		}
 	}
 	granted := time.Now()
