@@ -490,20 +490,12 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	case !cr.ok():
 		m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = none(cr.reason()), none(cr.reason()), none(cr.reason())
 	default:
-		if s, err := l.window(tc0, tc1); err == nil {
-			m.CutoverMaxLatencyMs = some(s.MaxMs)
-		} else {
-			m.CutoverMaxLatencyMs = none(err.Error())
-		}
+		m.CutoverMaxLatencyMs = l.maxLatency(tc0, tc1)
 	}
 	m.FinalizeMaxLatencyMs = none("no finalize ran (no cutover)")
 	if !tf0.IsZero() {
-		if s, err := l.window(tf0, tf1); err == nil {
-			m.FinalizeMaxLatencyMs = some(s.MaxMs)
-			r.note("%s run: finalize took %.2f s under load", mode, tf1.Sub(tf0).Seconds())
-		} else {
-			m.FinalizeMaxLatencyMs = none(err.Error())
-		}
+		m.FinalizeMaxLatencyMs = l.maxLatency(tf0, tf1)
+		r.note("%s run: finalize took %.2f s under load", mode, tf1.Sub(tf0).Seconds())
 	}
 	tEnd := t3
 	if tf1.After(tEnd) {

@@ -265,6 +265,16 @@ type stats struct {
 	MaxMs   float64 // longest transaction that overlapped the window
 }
 
+// maxLatency is the workload's max latency over a window, or why the log
+// cannot give it.
+func (l *txlog) maxLatency(from, to time.Time) M {
+	s, err := l.window(from, to)
+	if err != nil {
+		return none(err.Error())
+	}
+	return some(s.MaxMs)
+}
+
 // window cuts [from, to): throughput and percentiles over the transactions that
 // ended in it; the maximum over every transaction that overlapped it, so a
 // transaction stalled by a lock taken inside the window counts even when it
