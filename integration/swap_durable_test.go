@@ -46,7 +46,7 @@ func TestSwapIsDurableWhenReported(t *testing.T) {
 		if lc == nil || lc.Kind != what || lc.AfterCommitLSN == "" {
 			t.Fatalf("%s: swap record %+v, want one with the WAL position after its commit", what, lc)
 		}
-		if !scalar[bool](db, `SELECT pg_current_wal_flush_lsn() >= '`+lc.AfterCommitLSN+`'::pg_lsn`) {
+		if !scalar[bool](db, `SELECT pg_current_wal_flush_lsn() >= $1::text::pg_lsn`, lc.AfterCommitLSN) {
 			t.Fatalf("%s returned with the WAL flushed only to %s, short of its commit (%s)", what,
 				scalar[string](db, `SELECT pg_current_wal_flush_lsn()::text`), lc.AfterCommitLSN)
 		}
