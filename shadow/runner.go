@@ -39,6 +39,9 @@ type Failpoints struct {
 	CopyBatchStart func(ctx context.Context, tx pgx.Tx, r backfill.Range) error
 	// AfterPhase runs after a phase change has been committed.
 	AfterPhase func(ctx context.Context, to Phase) error
+	// FinalizeIdentityRead runs inside finalize's transaction right after it
+	// read the last value of blue's identity sequence seq.
+	FinalizeIdentityRead func(ctx context.Context, seq pgsql.QualifiedName) error
 }
 
 // Runner drives migrations through their phases. The same runner serves

@@ -450,6 +450,20 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 				var c pgmeta.Column
 				c, _ = p.Blue.Column(s.Column)
 				h.always = c.Identity == "a"
+				// Keep nextval off the sequence until this commits: a value
+				// handed out after the read below would be handed out again
+				// by the new identity. nextval takes ROW EXCLUSIVE on the
+				// sequence, which ALTER SEQUENCE's lock conflicts with (LOCK
+				// TABLE refuses sequences); the statement sets the cache to
+				// what it is. A caller blocked here fails once the sequence
+				// is dropped: an error, where it would have been a duplicate.
+				var cache int64
+				if err := tx.QueryRow(ctx, `SELECT seqcache FROM pg_sequence WHERE seqrelid = $1::regclass`, seq.Quoted()).Scan(&cache); err != nil {
+					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
+				if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER SEQUENCE %s CACHE %d", seq.Quoted(), cache)); err != nil {
+					return fmt.Errorf("lock identity sequence %s: %w", seq, err)
+				}
 				// Its value, options and grants: the sequence is dropped with
 				// blue and made anew by ADD GENERATED below. Bounds at their
 				// defaults for the old type are left to default for the
@@ -462,6 +476,11 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).
 					Scan(&h.last, &h.increment, &h.min, &h.max, &h.cache, &h.cycle, &typMin, &typMax); err != nil {
 					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
+				if fp := r.Failpoints.FinalizeIdentityRead; fp != nil {
+					if err := fp(ctx, seq); err != nil {
+						return err
+					}
 				}
 				rows, err := tx.Query(ctx, `SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_get_userbyid(a.grantee) END, a.privilege_type, a.is_grantable
 					FROM pg_class c, aclexplode(c.relacl) a WHERE c.oid = $1::regclass AND a.grantee <> c.relowner ORDER BY 1, 2`, seq.Quoted())
