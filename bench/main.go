@@ -50,6 +50,13 @@ type config struct {
 	// the shadowctl runs under load. For working on one figure; a partial run
 	// never replaces bench/results/latest.json.
 	Only map[string]bool
+	// Swaps (BENCH_SWAPS, default 3) is how many cutovers the trigger load
+	// run makes (each after a rollback); the cutover figures are their
+	// medians. One swap's hold and the workload's worst transaction around
+	// it scattered by 2–5× between runs of the same code, too much to say
+	// whether the swap grows with the table. Logical sync makes one: only
+	// the first cutover drains the stream (later ones are trigger swaps).
+	Swaps int
 	// StartArgs (BENCH_START_ARGS, split on spaces) are added to every
 	// `shadowctl start`, e.g. "--load-share 0.5": for comparing settings.
 	// A run with them is reported as such (settings.start_args).
@@ -79,6 +86,12 @@ func loadConfig() (config, error) {
 	c.Load = time.Duration(secs) * time.Second
 	if c.Clients, err = envInt("BENCH_CLIENTS", c.Clients); err != nil {
 		return c, err
+	}
+	if c.Swaps, err = envInt("BENCH_SWAPS", 3); err != nil {
+		return c, err
+	}
+	if c.Swaps < 1 {
+		return c, fmt.Errorf("BENCH_SWAPS must be ≥ 1 (got %d)", c.Swaps)
 	}
 	if c.IdleReps, err = envInt("BENCH_IDLE_REPS", 3); err != nil {
 		return c, err

@@ -302,9 +302,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			return err
 		}
 	}
-	sorted := slices.Clone(idleRuns)
-	slices.Sort(sorted)
-	m.CopyIdleS = some(sorted[len(sorted)/2])
+	m.CopyIdleS = some(median(idleRuns))
 	if len(idleRuns) > 1 {
 		r.note("%s time to ready, idle: %s s (the median is the figure)", mode, secondsList(idleRuns))
 	}
@@ -417,12 +415,40 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	}
 	var cr cliResult
 	hasCutover, why := b.hasCommand(ctx, "cutover")
-	tc0 := time.Now()
-	if hasCutover {
-		cr = b.shadowctlWithin(ctx, 2*time.Minute, loadID+"-cutover", "cutover", loadID, "--lock-timeout", "100ms")
-		rssKB = max(rssKB, cr.maxRSSKB)
+	swaps := 1
+	if mode == "trigger" {
+		swaps = b.cfg.Swaps
 	}
-	tc1 := time.Now()
+	var cuts []swapSample
+	for k := 0; hasCutover && k < swaps; k++ {
+		label := loadID + "-cutover"
+		if k > 0 {
+			// Back to blue, the workload on blue for a moment, then the next
+			// cutover.
+			label += "-" + strconv.Itoa(k+1)
+			rb := b.shadowctlWithin(ctx, 2*time.Minute, loadID+"-rollback-"+strconv.Itoa(k), "rollback", loadID, "--lock-timeout", "100ms")
+			rssKB = max(rssKB, rb.maxRSSKB)
+			if !rb.ok() {
+				r.note("%s load run: rollback %d: %s", mode, k, rb.reason())
+				break
+			}
+			if err := w.holdOrNote(ctx, b.cfg.After, r, mode+" run, after rollback"); err != nil {
+				return err
+			}
+		}
+		c := swapSample{from: time.Now()}
+		cr = b.shadowctlWithin(ctx, 2*time.Minute, label, "cutover", loadID, "--lock-timeout", "100ms")
+		c.to = time.Now()
+		rssKB = max(rssKB, cr.maxRSSKB)
+		if !cr.ok() {
+			break
+		}
+		if st, _ := b.status(ctx, loadID); st != nil {
+			c.wait, _ = num(st, "last_cutover", "lock_wait_ms")
+			c.hold, c.holdKnown = num(st, "last_cutover", "lock_hold_ms")
+		}
+		cuts = append(cuts, c)
+	}
 	rssKB = max(rssKB, stopFollow())
 	if err := w.holdOrNote(ctx, b.cfg.After, r, mode+" run, after cutover"); err != nil {
 		return err
@@ -490,7 +516,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	case !cr.ok():
 		m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = none(cr.reason()), none(cr.reason()), none(cr.reason())
 	default:
-		m.CutoverMaxLatencyMs = l.maxLatency(tc0, tc1)
+		m.CutoverMaxLatencyMs = l.maxLatency(cuts[0].from, cuts[0].to)
 	}
 	m.FinalizeMaxLatencyMs = none("no finalize ran (no cutover)")
 	if !tf0.IsZero() {
@@ -515,12 +541,48 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		r.note("%s load run: %s", mode, loadWhy)
 	}
 	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy, hasCutover && cr.ok())
+	if hasCutover && cr.ok() && len(cuts) > 1 {
+		b.swapMedians(m, l, cuts, mode, r)
+	}
 	if !finalized {
 		if ar := b.shadowctl(ctx, loadID+"-abort", "abort", loadID); !ar.ok() {
 			r.note("%s load run: %s", mode, ar.reason())
 		}
 	}
 	return b.clean(ctx)
+}
+
+// swapSample is one cutover of a load run: the command's window, and the
+// lock wait and hold its status reported.
+type swapSample struct {
+	from, to   time.Time
+	wait, hold float64
+	holdKnown  bool
+}
+
+// swapMedians makes the cutover figures the medians of several cutovers (see
+// config.Swaps), and lists every one in the notes.
+func (b *bench) swapMedians(m *modeResult, l *txlog, cuts []swapSample, mode string, r *results) {
+	var lats, waits, holds []float64
+	for _, c := range cuts {
+		lat := l.maxLatency(c.from, c.to)
+		if !lat.known() || !c.holdKnown {
+			r.note("%s run: cutover figures of one swap only (a swap's window or status was not readable)", mode)
+			return
+		}
+		lats, waits, holds = append(lats, lat.val()), append(waits, c.wait), append(holds, c.hold)
+	}
+	m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = some(median(lats)), some(median(waits)), some(median(holds))
+	r.note("%s run: %d cutovers, each after a rollback but the first; the medians are the figures: workload max latency %s ms, lock hold %s ms, lock wait %s ms",
+		mode, len(cuts), secondsList(lats), secondsList(holds), secondsList(waits))
+}
+
+// median of a non-empty list (the upper of the two middle values of an even
+// count: the figure never flatters).
+func median(v []float64) float64 {
+	s := slices.Clone(v)
+	slices.Sort(s)
+	return s[len(s)/2]
 }
 
 // finishMode fills the figures read from status JSON (load run first, idle
