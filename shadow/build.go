@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -61,10 +62,15 @@ func buildGreen(ctx context.Context, tx pgx.Tx, req Request, blue *pgmeta.Table,
 		INCLUDING STORAGE INCLUDING COMMENTS INCLUDING COMPRESSION INCLUDING STATISTICS)`, green.Quoted(), blue.QName().Quoted())); err != nil {
 		return nil, false, fmt.Errorf("create %s: %w", green, err)
 	}
-	if len(blue.Reloptions) > 0 {
-		// Storage parameters (fillfactor, autovacuum settings, ...).
-		if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s SET (%s)", green.Quoted(), strings.Join(blue.Reloptions, ", "))); err != nil {
-			return nil, false, fmt.Errorf("copy storage parameters %v: %w", blue.Reloptions, err)
+	// Storage parameters (fillfactor, autovacuum settings, ...), and room
+	// for the sync's updates unless blue sets its own fillfactor.
+	opts := blue.Reloptions
+	if greenFillfactorSet(blue) {
+		opts = append(slices.Clone(opts), fmt.Sprintf("fillfactor = %d", greenFillfactor))
+	}
+	if len(opts) > 0 {
+		if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s SET (%s)", green.Quoted(), strings.Join(opts, ", "))); err != nil {
+			return nil, false, fmt.Errorf("copy storage parameters %v: %w", opts, err)
 		}
 	}
 	for _, s := range blue.Sequences {
@@ -247,4 +253,19 @@ func isBadRequest(err error) bool {
 		}
 	}
 	return false
+}
+
+// greenFillfactor leaves room on each page green is loaded with: a page the
+// copy packs full has none for a new row version, so every update the sync
+// makes to green (the trigger's upsert, the logical apply) is then a non-HOT
+// one, a new version on another page plus an entry in each of green's
+// indexes. With room on the page it is a HOT update: same page, no index
+// entries. Finalize resets it (blue had none): later pages are filled as
+// blue's were, the loaded ones keep their room.
+const greenFillfactor = 90
+
+// greenFillfactorSet says whether green gets greenFillfactor: when blue sets
+// no fillfactor of its own (an operator's choice is kept as it is).
+func greenFillfactorSet(blue *pgmeta.Table) bool {
+	return !slices.ContainsFunc(blue.Reloptions, func(o string) bool { return strings.HasPrefix(o, "fillfactor=") })
 }

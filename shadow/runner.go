@@ -116,9 +116,13 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 	if err != nil {
 		return nil, err
 	}
-	if req.MaxExtraStorage > 0 && blue.TotalBytes > req.MaxExtraStorage {
+	need := blue.TotalBytes
+	if greenFillfactorSet(blue) {
+		need = need * 100 / greenFillfactor // the room left on green's pages
+	}
+	if req.MaxExtraStorage > 0 && need > req.MaxExtraStorage {
 		return nil, fmt.Errorf("%s: %w: green needs about %s (the table and its indexes), over --max-extra-storage %s",
-			name, ErrStorageBudget, HumanBytes(blue.TotalBytes), HumanBytes(req.MaxExtraStorage))
+			name, ErrStorageBudget, HumanBytes(need), HumanBytes(req.MaxExtraStorage))
 	}
 	if id, err := r.Store.ActiveOn(ctx, name); err != nil {
 		return nil, err

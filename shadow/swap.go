@@ -505,6 +505,9 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 		}
 		stmts = append(stmts, "DROP TABLE "+parked.Quoted())
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s SET SCHEMA %s", green.Quoted(), pgsql.Ident(final.Schema)))
+		if greenFillfactorSet(p.Blue) {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RESET (fillfactor)", final.Quoted()))
+		}
 		for _, s := range p.Blue.Sequences {
 			if !s.Identity {
 				stmts = append(stmts, fmt.Sprintf("ALTER SEQUENCE %s OWNED BY %s.%s", pgsql.QualifiedName{Schema: s.Schema, Name: s.Name}.Quoted(), final.Quoted(), pgsql.Ident(s.Column)))
