@@ -65,7 +65,7 @@ func buildGreen(ctx context.Context, tx pgx.Tx, req Request, blue *pgmeta.Table,
 	// Storage parameters (fillfactor, autovacuum settings, ...), and room
 	// for the sync's updates unless blue sets its own fillfactor.
 	opts := blue.Reloptions
-	if greenFillfactorSet(blue) {
+	if greenGetsFillfactor(blue) {
 		opts = append(slices.Clone(opts), fmt.Sprintf("fillfactor = %d", greenFillfactor))
 	}
 	if len(opts) > 0 {
@@ -264,8 +264,8 @@ func isBadRequest(err error) bool {
 // blue's were, the loaded ones keep their room.
 const greenFillfactor = 90
 
-// greenFillfactorSet says whether green gets greenFillfactor: when blue sets
+// greenGetsFillfactor says whether green gets greenFillfactor: when blue sets
 // no fillfactor of its own (an operator's choice is kept as it is).
-func greenFillfactorSet(blue *pgmeta.Table) bool {
+func greenGetsFillfactor(blue *pgmeta.Table) bool {
 	return !slices.ContainsFunc(blue.Reloptions, func(o string) bool { return strings.HasPrefix(o, "fillfactor=") })
 }

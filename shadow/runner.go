@@ -117,7 +117,7 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 		return nil, err
 	}
 	need := blue.TotalBytes
-	if greenFillfactorSet(blue) {
+	if greenGetsFillfactor(blue) {
 		need = need * 100 / greenFillfactor // the room left on green's pages
 	}
 	if req.MaxExtraStorage > 0 && need > req.MaxExtraStorage {

@@ -450,6 +450,19 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 				var c pgmeta.Column
 				c, _ = p.Blue.Column(s.Column)
 				h.always = c.Identity == "a"
+				// Its options and grants, then its value: the sequence is
+				// dropped with blue and made anew by ADD GENERATED below.
+				// Bounds at their defaults for the old type are left to
+				// default for the column's type (as ALTER COLUMN TYPE does
+				// for identity).
+				var start, typMin, typMax int64
+				if err := tx.QueryRow(ctx, `SELECT s.seqstart, s.seqincrement, s.seqmin, s.seqmax, s.seqcache, s.seqcycle,
+					CASE s.seqtypid WHEN 'int2'::regtype THEN -32768 WHEN 'int4'::regtype THEN -2147483648 ELSE -9223372036854775808 END,
+					CASE s.seqtypid WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647 ELSE 9223372036854775807 END
+					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).
+					Scan(&start, &h.increment, &h.min, &h.max, &h.cache, &h.cycle, &typMin, &typMax); err != nil {
+					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
 				// Keep nextval off the sequence until this commits: a value
 				// handed out after the read below would be handed out again
 				// by the new identity. nextval takes ROW EXCLUSIVE on the
@@ -457,25 +470,16 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 				// TABLE refuses sequences); the statement sets the cache to
 				// what it is. A caller blocked here fails once the sequence
 				// is dropped: an error, where it would have been a duplicate.
-				var cache int64
-				if err := tx.QueryRow(ctx, `SELECT seqcache FROM pg_sequence WHERE seqrelid = $1::regclass`, seq.Quoted()).Scan(&cache); err != nil {
-					return fmt.Errorf("read identity sequence %s: %w", seq, err)
-				}
-				if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER SEQUENCE %s CACHE %d", seq.Quoted(), cache)); err != nil {
+				if _, err := tx.Exec(ctx, fmt.Sprintf("ALTER SEQUENCE %s CACHE %d", seq.Quoted(), h.cache)); err != nil {
 					return fmt.Errorf("lock identity sequence %s: %w", seq, err)
 				}
-				// Its value, options and grants: the sequence is dropped with
-				// blue and made anew by ADD GENERATED below. Bounds at their
-				// defaults for the old type are left to default for the
-				// column's type (as ALTER COLUMN TYPE does for identity).
-				var typMin, typMax int64
-				if err := tx.QueryRow(ctx, `SELECT coalesce(pg_sequence_last_value($1::regclass), s.seqstart - s.seqincrement), s.seqincrement,
-					s.seqmin, s.seqmax, s.seqcache, s.seqcycle,
-					CASE s.seqtypid WHEN 'int2'::regtype THEN -32768 WHEN 'int4'::regtype THEN -2147483648 ELSE -9223372036854775808 END,
-					CASE s.seqtypid WHEN 'int2'::regtype THEN 32767 WHEN 'int4'::regtype THEN 2147483647 ELSE 9223372036854775807 END
-					FROM pg_sequence s WHERE s.seqrelid = $1::regclass`, seq.Quoted()).
-					Scan(&h.last, &h.increment, &h.min, &h.max, &h.cache, &h.cycle, &typMin, &typMax); err != nil {
+				var last *int64 // nil: never called
+				if err := tx.QueryRow(ctx, `SELECT pg_sequence_last_value($1::regclass)`, seq.Quoted()).Scan(&last); err != nil {
 					return fmt.Errorf("read identity sequence %s: %w", seq, err)
+				}
+				h.last = start - h.increment
+				if last != nil {
+					h.last = *last
 				}
 				if fp := r.Failpoints.FinalizeIdentityRead; fp != nil {
 					if err := fp(ctx, seq); err != nil {
@@ -505,7 +509,7 @@ func (r *Runner) Finalize(ctx context.Context, id string, minSoak time.Duration,
 		}
 		stmts = append(stmts, "DROP TABLE "+parked.Quoted())
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s SET SCHEMA %s", green.Quoted(), pgsql.Ident(final.Schema)))
-		if greenFillfactorSet(p.Blue) {
+		if greenGetsFillfactor(p.Blue) {
 			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RESET (fillfactor)", final.Quoted()))
 		}
 		for _, s := range p.Blue.Sequences {
