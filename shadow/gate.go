@@ -32,11 +32,17 @@ func (r *Runner) gateLive(ctx context.Context, cur *Migration, c *backfill.Copie
 			return err
 		}
 		if reason != cur.Throttled {
+			// Status shows the reason as it is now (a replica's lag, which
+			// changes at every check); the log says when the copy stops
+			// and when it goes on.
 			if err := r.Store.SetThrottled(ctx, cur.ID, reason); err != nil {
 				return err
 			}
-			if reason != "" {
+			switch {
+			case cur.Throttled == "":
 				r.Log.Warn().Str("migration", cur.ID).Str("reason", reason).Msg("copy throttled")
+			case reason == "":
+				r.Log.Info().Str("migration", cur.ID).Str("was", cur.Throttled).Msg("copy no longer throttled")
 			}
 		}
 		if reason == "" {

@@ -54,6 +54,12 @@ func StartCluster(ctx context.Context, binDir string, opts ClusterOptions) (*Ser
 	return &Server{AdminDSN: c.AdminDSN, BinDir: c.BinDir, stop: c.Stop}, nil
 }
 
+// StartStandby starts a throwaway hot standby streaming from primary (a
+// cluster started by StartCluster), with extra settings.
+func StartStandby(ctx context.Context, primary *Server, settings map[string]string) (*Server, error) {
+	return StartCluster(ctx, primary.BinDir, ClusterOptions{StandbyOf: primary.AdminDSN, Settings: settings})
+}
+
 func startLocal(ctx context.Context, binDir string) (*Server, error) {
 	return StartCluster(ctx, binDir, ClusterOptions{})
 }

@@ -95,6 +95,10 @@ type Options struct {
 	Settings map[string]string
 	// Dir is the folder to create the cluster in; a temp folder when empty.
 	Dir string
+	// StandbyOf, when set (a primary's DSN, as a superuser), makes the
+	// cluster a hot standby streaming from that primary: pg_basebackup -R
+	// instead of initdb.
+	StandbyOf string
 }
 
 // Start initialises and starts a throwaway cluster from binDir. The
@@ -123,12 +127,18 @@ func Start(ctx context.Context, binDir string, opts Options) (*Server, error) {
 		}
 	}
 	data := filepath.Join(dir, "data")
-	initdb := exec.CommandContext(ctx, filepath.Join(binDir, "initdb"), "-D", data, "-U", "postgres",
+	create := exec.CommandContext(ctx, filepath.Join(binDir, "initdb"), "-D", data, "-U", "postgres",
 		"--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync")
-	initdb.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
-	if out, err := initdb.CombinedOutput(); err != nil {
+	if opts.StandbyOf != "" {
+		// The copy carries the primary's postgresql.conf; the settings
+		// appended below (port, socket folder) override it.
+		create = exec.CommandContext(ctx, filepath.Join(binDir, "pg_basebackup"), "-D", data, "-d", opts.StandbyOf,
+			"-R", "-X", "stream", "--checkpoint=fast", "--no-sync")
+	}
+	create.SysProcAttr = &syscall.SysProcAttr{Credential: cred}
+	if out, err := create.CombinedOutput(); err != nil {
 		os.RemoveAll(dir)
-		return nil, fmt.Errorf("initdb: %v: %s", err, out)
+		return nil, fmt.Errorf("%s: %v: %s", filepath.Base(create.Path), err, out)
 	}
 	port, err := FreePort()
 	if err != nil {
