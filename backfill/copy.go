@@ -90,9 +90,10 @@ type Copier struct {
 	// (0: DefaultGuardPatience).
 	GuardPatience time.Duration
 
-	limiter  rateLimiter
-	maxBatch atomic.Int64 // SetBatchSize's live override of BatchSize
-	busy     atomic.Bool  // the last pace said busy (logged on change)
+	limiter     rateLimiter
+	maxBatch    atomic.Int64 // SetBatchSize's live override of BatchSize
+	liveWorkers atomic.Int64 // SetWorkers' live override of Workers
+	busy        atomic.Bool  // the last pace said busy (logged on change)
 }
 
 // SetBatchSize changes the largest batch while the copy runs; each worker
@@ -153,7 +154,14 @@ func (c *Copier) SplitRanges(ctx context.Context, q pgsql.Querier, n int) ([]Ran
 }
 
 // Run copies every range that is not done, resuming from each one's
-// checkpoint, with up to Workers ranges at a time.
+// checkpoint, with up to Workers ranges at a time (SetWorkers changes that
+// while it runs; the pace lowers it while the application is busy).
+//
+// A worker over the number allowed now stops after its current batch and
+// hands its range back, checkpointed, to whichever worker is allowed to
+// take it: finishing the range first (an eighth of the table with the
+// default two workers) kept the copy at twice its share for minutes after
+// the application turned busy or an operator lowered the workers.
 func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error {
 	if c.BatchSize <= 0 {
 		c.BatchSize = 10000
@@ -162,40 +170,52 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 		c.TargetBatchTime = 500 * time.Millisecond
 	}
 	c.limiter.rate = &c.MaxRowsPerSecond
-	work := make(chan Range)
-	var allTaken atomic.Bool
-	g, gctx := errgroup.WithContext(ctx)
-	g.Go(func() error {
-		defer allTaken.Store(true)
-		defer close(work)
-		for _, r := range ranges {
-			if r.Done {
-				continue
-			}
-			select {
-			case work <- r:
-			case <-gctx.Done():
-				return gctx.Err()
-			}
+	// Every range not done waits in queue, which has room for all of them,
+	// so a range handed back never blocks; finished closes when the last is
+	// done.
+	queue := make(chan Range, len(ranges))
+	for _, r := range ranges {
+		if !r.Done {
+			queue <- r
 		}
+	}
+	var left atomic.Int64
+	left.Store(int64(len(queue)))
+	if left.Load() == 0 {
 		return nil
-	})
-	workers := max(c.Workers, 1)
-	for w := 0; w < workers; w++ {
+	}
+	finished := make(chan struct{})
+	g, gctx := errgroup.WithContext(ctx)
+	// One goroutine per range, so that raising the workers has someone to
+	// run; those over the allowed number wait their turn.
+	for w := 0; w < len(queue); w++ {
 		g.Go(func() error {
 			for {
-				// A worker over the current limit takes no new range (one
-				// it holds is finished first, so no range waits on a worker
-				// that is not allowed to run).
-				if turn, err := pace.WaitTurn(gctx, c.Pace, w, allTaken.Load); !turn {
+				// Once no range is waiting, a worker over the limit is
+				// not needed: the running ones (worker 0 always may run)
+				// take any range handed back.
+				if turn, err := pace.WaitTurn(gctx, c.paceNow, w, func() bool { return len(queue) == 0 }); !turn {
 					return err
 				}
-				r, ok := <-work
-				if !ok {
+				var r Range
+				select {
+				case r = <-queue:
+				case <-finished:
 					return nil
+				case <-gctx.Done():
+					return gctx.Err()
 				}
-				if err := c.copyRange(gctx, r, cp); err != nil {
+				r, err := c.copyRange(gctx, r, cp, w)
+				if err != nil {
 					return err
+				}
+				if !r.Done {
+					queue <- r
+					continue
+				}
+				if left.Add(-1) == 0 {
+					close(finished)
+					return nil
 				}
 			}
 		})
@@ -203,7 +223,31 @@ func (c *Copier) Run(ctx context.Context, ranges []Range, cp Checkpointer) error
 	return g.Wait()
 }
 
-func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error {
+// SetWorkers changes how many workers may copy while the application is
+// quiet; each applies it after its current batch.
+func (c *Copier) SetWorkers(n int) { c.liveWorkers.Store(int64(n)) }
+
+// paceNow is the pace with the worker count set now (SetWorkers, else
+// Workers) while the application is quiet; while it is busy, the pace's
+// (one) if that is fewer.
+func (c *Copier) paceNow(ctx context.Context) pace.Pace {
+	n := int(c.liveWorkers.Load())
+	if n <= 0 {
+		n = max(c.Workers, 1)
+	}
+	p := pace.Pace{Workers: n, Duty: 1}
+	if c.Pace != nil {
+		if p = c.Pace(ctx); !p.Busy {
+			p.Workers = n
+		}
+		p.Workers = min(p.Workers, n)
+	}
+	return p
+}
+
+// copyRange copies r from its checkpoint as worker w, until it is done or w
+// is no longer allowed to run; it returns the range as far as it got.
+func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer, w int) (Range, error) {
 	size := c.batchSize()
 	// Two forms: the range's first batch has no lower bound. One statement
 	// with "$1 IS NULL OR key > $1" would not use the index for the bound
@@ -238,12 +282,17 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		withLower := r.Last != nil || r.Lower != nil
 		if c.Gate != nil {
 			if err := c.Gate(ctx); err != nil {
-				return err
+				return r, err
 			}
+		}
+		// After the gate, which applies `shadowctl set workers`.
+		if p := c.paceNow(ctx); w >= p.Workers {
+			c.Log.Debug().Int("range", r.No).Int("worker", w).Int("workers", p.Workers).Msg("range handed back: fewer workers may copy now")
+			return r, nil
 		}
 		size = min(size, c.batchSize())
 		if err := c.limiter.wait(ctx, int64(size)); err != nil {
-			return err
+			return r, err
 		}
 		start := time.Now()
 		var n, inserted int64
@@ -306,9 +355,9 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		})
 		if err != nil {
 			if isDataError(err) {
-				return c.explainBadRow(ctx, r, size, err)
+				return r, c.explainBadRow(ctx, r, size, err)
 			}
-			return fmt.Errorf("copy %s → %s, range %d after key %v: %w", c.Mapping.Source, c.Mapping.Target, r.No, r.Last, err)
+			return r, fmt.Errorf("copy %s → %s, range %d after key %v: %w", c.Mapping.Source, c.Mapping.Target, r.No, r.Last, err)
 		}
 		r.Rows += n
 		if n > 0 {
@@ -324,21 +373,22 @@ func (c *Copier) copyRange(ctx context.Context, r Range, cp Checkpointer) error 
 		took := time.Since(start)
 		size = c.nextSize(size, took)
 		c.Log.Debug().Int("range", r.No).Int64("rows", n).Int("next_batch", size).Dur("took", took).Msg("batch copied")
-		if c.Pace != nil && !r.Done {
-			p := c.Pace(ctx)
-			if c.busy.Swap(p.Busy) != p.Busy {
-				if p.Busy {
-					c.Log.Info().Int("workers", p.Workers).Float64("load_share", p.Duty).Msg("the application is busy: the copy steps back")
-				} else {
-					c.Log.Info().Int("workers", p.Workers).Msg("the application is quiet: the copy runs flat out")
-				}
-			}
-			if err := p.RestAfter(ctx, took); err != nil {
-				return err
+		if r.Done {
+			break
+		}
+		p := c.paceNow(ctx)
+		if c.busy.Swap(p.Busy) != p.Busy {
+			if p.Busy {
+				c.Log.Info().Int("workers", p.Workers).Float64("load_share", p.Duty).Msg("the application is busy: the copy steps back")
+			} else {
+				c.Log.Info().Int("workers", p.Workers).Msg("the application is quiet: the copy runs flat out")
 			}
 		}
+		if err := p.RestAfter(ctx, took); err != nil {
+			return r, err
+		}
 	}
-	return nil
+	return r, nil
 }
 
 // nextSize adapts the batch size to the target time per batch.

@@ -132,7 +132,7 @@ func ParseSettings(items []string) (map[string]int, error) {
 }
 
 // Set changes copy settings; a running copy applies them before its next
-// batch (workers: when the copy next starts).
+// batch (workers: up to the copy's ranges, four per worker it started with).
 func (s *Store) Set(ctx context.Context, id, actor string, settings map[string]int) error {
 	b, err := json.Marshal(settings)
 	if err != nil {

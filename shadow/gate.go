@@ -23,6 +23,9 @@ func (r *Runner) gateLive(ctx context.Context, cur *Migration, c *backfill.Copie
 		if cur.Request.BatchSize > 0 {
 			c.SetBatchSize(cur.Request.BatchSize)
 		}
+		if cur.Request.Workers > 0 {
+			c.SetWorkers(cur.Request.Workers)
+		}
 		if rate := int64(cur.Request.MaxRowsPerSecond); c.MaxRowsPerSecond.Load() != rate {
 			c.MaxRowsPerSecond.Store(rate)
 			r.Log.Info().Str("migration", cur.ID).Int64("max_rows_per_second", rate).Msg("copy rate cap changed")
