@@ -10,8 +10,9 @@ import (
 	"time"
 )
 
-// The JSON carries exactly issue 8's keys (plus machine, settings and the
-// bare consumer's ratio), with null for what was not measured.
+// The JSON carries exactly issue 8's keys (plus machine, settings, the CPU
+// of each window and the bare consumer's ratio), with null for what was not
+// measured.
 func TestJSONKeysExactly(t *testing.T) {
 	b := &bench{cfg: config{Rows: 1000, Clients: 4, Threads: 2, Load: 20 * time.Second}, settings: map[string]string{"fsync": "on"}}
 	r := newResults(1000)
@@ -34,7 +35,7 @@ func TestJSONKeysExactly(t *testing.T) {
 		sort.Strings(ks)
 		return strings.Join(ks, ",")
 	}
-	if k := keys(got); k != "baseline_tps,logical,machine,offline_alter_max_latency_ms,raw_copy_s,rows,settings,trigger" {
+	if k := keys(got); k != "baseline_tps,cpu_windows,logical,machine,offline_alter_max_latency_ms,raw_copy_s,rows,settings,trigger" {
 		t.Errorf("top-level keys: %s", k)
 	}
 	if k := keys(got["trigger"].(map[string]any)); k != "copy_idle_s,copy_load_s,cutover_max_latency_ms,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio,verify_rows_per_s" {

@@ -47,7 +47,8 @@ type bench struct {
 	work     string // pgbench logs, scripts, CLI output
 	settings map[string]string
 	machine  machine
-	dirty    bool // orders may differ from a fresh load
+	dirty    bool      // orders may differ from a fresh load
+	cpu      *cpuClock // the machine's CPU through the run (nil: unknown)
 }
 
 // machine is what the numbers depend on.

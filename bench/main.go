@@ -156,6 +156,9 @@ func run() int {
 		fmt.Fprintln(os.Stderr, "bench:", err)
 		return 1
 	}
+	clockCtx, stopClock := context.WithCancel(ctx)
+	defer stopClock()
+	b.cpu = startCPUClock(clockCtx)
 	res, err := b.runAll(ctx)
 	if err != nil {
 		if errors.Is(err, context.Canceled) {

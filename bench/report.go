@@ -161,6 +161,10 @@ type results struct {
 
 	Trigger, Logical modeResult
 
+	// CPU is the machine's CPU in each measured window (raw_limit_1,
+	// trigger_idle_1, trigger_reference, trigger_copy, trigger_sync, ...).
+	CPU map[string]cpuWindow
+
 	RepackS, RepackTPSRatio, RepackMaxMs, RepackErrors M
 
 	Notes []string
@@ -175,6 +179,20 @@ func newResults(rows int) *results {
 
 func (r *results) note(format string, args ...any) {
 	r.Notes = append(r.Notes, fmt.Sprintf(format, args...))
+}
+
+// cpuWindow records the machine's CPU from from to to as name, and returns
+// it for a note ("unknown" when it could not be read).
+func (b *bench) cpuWindow(r *results, name string, from, to time.Time) string {
+	w, ok := b.cpu.window(from, to)
+	if !ok {
+		return "unknown"
+	}
+	if r.CPU == nil {
+		r.CPU = map[string]cpuWindow{}
+	}
+	r.CPU[name] = w
+	return w.String()
 }
 
 // jsonTrigger and jsonLogical are the issue's keys, exactly.
@@ -214,6 +232,9 @@ type jsonOut struct {
 	Logical                  jsonLogical    `json:"logical"`
 	Machine                  machine        `json:"machine"`
 	Settings                 map[string]any `json:"settings"`
+	// CPUWindows: the machine's CPU in each measured window (busy cores,
+	// steal), to tell a neighbour's load from ours.
+	CPUWindows map[string]cpuWindow `json:"cpu_windows"`
 }
 
 func (b *bench) jsonOf(r *results) jsonOut {
@@ -227,7 +248,8 @@ func (b *bench) jsonOf(r *results) jsonOut {
 			t.CutoverMaxLatencyMs, t.LockHoldMs, t.VerifyRowsPerS, t.PeakRSSMB},
 		Logical: jsonLogical{l.CopyIdleS, l.CopyLoadS, l.TPSRatio, l.SyncTPSRatio, l.P99Ms,
 			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB, l.BareConsumerRatio},
-		Machine: b.machine,
+		Machine:    b.machine,
+		CPUWindows: r.CPU,
 		Settings: map[string]any{
 			"postgresql":       b.settings,
 			"bench_rows":       b.cfg.Rows,

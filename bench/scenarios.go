@@ -105,7 +105,8 @@ func (b *bench) rawCopy(ctx context.Context, r *results) error {
 		insert, index time.Duration
 	}
 	var runs []rawRun
-	for range b.cfg.IdleReps {
+	var machine []string
+	for rep := range b.cfg.IdleReps {
 		if err := b.checkpoint(ctx); err != nil {
 			return err
 		}
@@ -134,6 +135,7 @@ func (b *bench) rawCopy(ctx context.Context, r *results) error {
 			return fmt.Errorf("drop scratch: %w", err)
 		}
 		runs = append(runs, rawRun{tag.RowsAffected(), t1.Sub(t0), t2.Sub(t1)})
+		machine = append(machine, fmt.Sprintf("%.2f s: %s", t2.Sub(t0).Seconds(), b.cpuWindow(r, "raw_limit_"+strconv.Itoa(rep+1), t0, t2)))
 		logf("raw copy: %d rows in %.2fs (insert %.2fs, indexes %.2fs)", tag.RowsAffected(), t2.Sub(t0).Seconds(), t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds())
 	}
 	sort.Slice(runs, func(i, j int) bool { return runs[i].insert+runs[i].index < runs[j].insert+runs[j].index })
@@ -145,6 +147,7 @@ func (b *bench) rawCopy(ctx context.Context, r *results) error {
 		}
 		r.note("raw limit, idle: %s s (the median is the figure)", secondsList(all))
 	}
+	r.note("raw limit, the machine during each run: %s", strings.Join(machine, "; "))
 	// The same copy into a table that already has its secondary indexes: the
 	// effect of the "indexes after the bulk copy" lever at PostgreSQL's level.
 	for _, st := range []string{
@@ -263,6 +266,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	// Idle: time to ready, then abort; IdleReps times, the median is the
 	// figure.
 	var idleRuns []float64
+	var idleMachine []string
 	var idleStatus map[string]any
 	idleWhy := ""
 	for rep := range b.cfg.IdleReps {
@@ -271,7 +275,9 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			idleID += "-" + strconv.Itoa(rep+1)
 		}
 		logf("%s: start on an idle database", mode)
+		started := time.Now()
 		sr := b.shadowctlWithin(ctx, startLimit, idleID+"-start", startArgs(idleID)...)
+		idleMachine = append(idleMachine, fmt.Sprintf("%.2f s: %s", sr.dur.Seconds(), b.cpuWindow(r, mode+"_idle_"+strconv.Itoa(rep+1), started, time.Now())))
 		if ctx.Err() != nil {
 			return ctx.Err()
 		}
@@ -306,6 +312,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	if len(idleRuns) > 1 {
 		r.note("%s time to ready, idle: %s s (the median is the figure)", mode, secondsList(idleRuns))
 	}
+	r.note("%s time to ready, idle, the machine during each run: %s", mode, strings.Join(idleMachine, "; "))
 
 	if b.cfg.Only["idle"] {
 		return nil
@@ -482,6 +489,8 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	}
 	ref := b.reference(l, tPre, t0, r)
 	m.RefTPS = ref
+	r.note("%s load run, the machine: reference window %s; start to ready %s; sync only %s", mode,
+		b.cpuWindow(r, mode+"_reference", tPre, t0), b.cpuWindow(r, mode+"_copy", t0, t1), b.cpuWindow(r, mode+"_sync", t1, t2))
 	if s, err := l.window(t0, t1); err == nil {
 		m.TPSRatio = ratio(some(s.TPS), ref)
 		m.P99Ms = some(s.P99ms)
