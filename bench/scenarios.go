@@ -453,6 +453,11 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		if st, _ := b.status(ctx, loadID); st != nil {
 			c.wait, _ = num(st, "last_cutover", "lock_wait_ms")
 			c.hold, c.holdKnown = num(st, "last_cutover", "lock_hold_ms")
+			c.commit, _ = num(st, "last_cutover", "commit_ms")
+			c.catchUp, _ = num(st, "last_cutover", "catch_up_under_lock_ms")
+			if c.holdKnown {
+				r.note("%s run, cutover %d: %s", mode, len(cuts)+1, c)
+			}
 		}
 		cuts = append(cuts, c)
 	}
@@ -567,6 +572,15 @@ type swapSample struct {
 	from, to   time.Time
 	wait, hold float64
 	holdKnown  bool
+	// Parts of the hold, from status: the commit, and (logical sync) the
+	// catch-up under the lock.
+	commit, catchUp float64
+}
+
+// String breaks the hold down for the notes.
+func (c swapSample) String() string {
+	return fmt.Sprintf("hold %.1f ms = catch-up under the lock %.1f + commit %.1f + statements and the rest %.1f",
+		c.hold, c.catchUp, c.commit, c.hold-c.catchUp-c.commit)
 }
 
 // swapMedians makes the cutover figures the medians of several cutovers (see
