@@ -28,6 +28,16 @@ import (
 // fix it.
 var ErrMismatch = errors.New("green does not match blue")
 
+// ErrLockedCatchUpTooSlow means the quiet compare (asynchronous sync) could
+// not catch green up within LockedCatchUpBudget while it held blue's SHARE
+// lock, attempt after attempt; each time it let the lock go.
+var ErrLockedCatchUpTooSlow = errors.New("green's apply did not catch up while blue was locked for the quiet compare")
+
+// DefaultLockedCatchUpBudget bounds the quiet compare's catch-up under
+// blue's SHARE lock, the application's writes to blue waiting meanwhile;
+// the same as the logical cutover's stall budget.
+const DefaultLockedCatchUpBudget = 2 * time.Second
+
 // VerifyResult is what a verification found.
 type VerifyResult struct {
 	Rows          int64   `json:"rows"`
@@ -64,6 +74,11 @@ type Verifier struct {
 	// SHARE lock on the source (writes wait, briefly) after catching up, so a
 	// difference that is only replication lag is never taken for a mismatch.
 	CatchUp func(ctx context.Context) error
+	// LockedCatchUpBudget bounds the catch-up that the quiet compare runs
+	// under blue's SHARE lock, writers to blue waiting for it (zero:
+	// DefaultLockedCatchUpBudget). Past it the lock is let go, and the quiet
+	// compare is tried again from a fresh catch-up without the lock.
+	LockedCatchUpBudget time.Duration
 	// Gate, when set, is called before each chunk; an error stops the run.
 	Gate func(ctx context.Context) error
 	// Pace, when set, says how many of the Workers may compare now and on
@@ -492,10 +507,10 @@ func (v *Verifier) compareQuiet(ctx context.Context, c chunk) (rows int64, ok bo
 			return 0, false, "", err
 		}
 		rows, ok, desc, err = v.compareQuietOnce(ctx, c)
-		if err == nil || !pgsql.IsRetryable(err) || attempt >= 20 {
+		if err == nil || !(pgsql.IsRetryable(err) || errors.Is(err, ErrLockedCatchUpTooSlow)) || attempt >= 20 {
 			return rows, ok, desc, err
 		}
-		v.Log.Debug().Err(err).Int("attempt", attempt+1).Msg("quiet compare: lock busy, retrying")
+		v.Log.Debug().Err(err).Int("attempt", attempt+1).Msg("quiet compare: lock busy or catch-up too slow under it, retrying")
 		if werr := retry.Backoff(ctx, attempt, 20*time.Millisecond, time.Second); werr != nil {
 			return 0, false, "", werr
 		}
@@ -510,7 +525,19 @@ func (v *Verifier) compareQuietOnce(ctx context.Context, c chunk) (rows int64, o
 		if _, err := tx.Exec(ctx, "LOCK TABLE ONLY "+v.Mapping.Source.Quoted()+" IN SHARE MODE"); err != nil {
 			return err
 		}
-		if err := v.CatchUp(ctx); err != nil {
+		// Writers to blue wait from here until the commit: the catch-up,
+		// which waits on the apply, gets a budget.
+		budget := v.LockedCatchUpBudget
+		if budget <= 0 {
+			budget = DefaultLockedCatchUpBudget
+		}
+		lctx, cancel := context.WithTimeout(ctx, budget)
+		err := v.CatchUp(lctx)
+		cancel()
+		if err != nil {
+			if ctx.Err() == nil && lctx.Err() != nil {
+				return fmt.Errorf("%w (within %s; keys (%v, %v])", ErrLockedCatchUpTooSlow, budget, fmtKey(c.lower), fmtKey(c.upper))
+			}
 			return err
 		}
 		rows, ok, desc, err = v.compareOn(ctx, tx, c)

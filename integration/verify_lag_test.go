@@ -6,6 +6,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/cutover"
@@ -64,4 +65,87 @@ func TestVerifierSharesCatchUpsBetweenLaggingChunks(t *testing.T) {
 	if n := catchUps.Load(); n != 5 {
 		t.Fatalf("%d catch-ups for one persistent difference; want 3 + 2 (quiet compare)", n)
 	}
+}
+
+// The quiet compare holds blue's SHARE lock (the application's writes to
+// blue wait) while it catches green up a last time; an apply that does not
+// finish within LockedCatchUpBudget must not keep them waiting. Here the
+// stand-in for the stream never finishes while blue is locked: each attempt
+// lets the lock go after 300 ms, and a writer that queued behind it is
+// through within about that.
+func TestQuietCompareBoundsItsLockOnBlue(t *testing.T) {
+	db := newTestDB(t)
+	createItems(db, "items", 1000)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil || m.Phase != shadow.Ready {
+		t.Fatalf("drive: %v %v", m.Phase, err)
+	}
+	// A difference no catch-up removes, so the chunk goes to the quiet
+	// compare.
+	db.exec(`ALTER TABLE green.items DISABLE TRIGGER ALL`, `UPDATE green.items SET n = -1 WHERE id = 500`)
+	locked := make(chan struct{}, 1)
+	var lockedCatchUps atomic.Int64
+	catchUp := func(ctx context.Context) error {
+		var underLock bool
+		if err := db.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_locks
+			WHERE relation = 'public.items'::regclass AND mode = 'ShareLock' AND granted)`).Scan(&underLock); err != nil {
+			return err
+		}
+		if !underLock {
+			return nil
+		}
+		// A stalled apply: it returns only when told to stop.
+		lockedCatchUps.Add(1)
+		select {
+		case locked <- struct{}{}:
+		default:
+		}
+		<-ctx.Done()
+		return ctx.Err()
+	}
+	v := &cutover.Verifier{Pool: db.Pool, Mapping: m.State.Plan.Forward, ChunkRows: 100, Workers: 1, Chunked: true,
+		CatchUp: catchUp, LockedCatchUpBudget: 300 * time.Millisecond, Log: zerolog.Nop()}
+	runCtx, stop := context.WithCancel(ctx)
+	defer stop()
+	ran := make(chan error, 1)
+	go func() { _, err := v.Run(runCtx); ran <- err }()
+
+	select {
+	case <-locked:
+	case err := <-ran:
+		t.Fatalf("verification ended before its quiet compare locked blue: %v", err)
+	case <-time.After(30 * time.Second):
+		t.Fatal("the quiet compare never locked blue")
+	}
+	// Blue is SHARE-locked now, its catch-up stalled: a writer queues.
+	started := time.Now()
+	tx, err := db.Pool.Begin(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tx.Rollback(ctx)
+	if _, err := tx.Exec(ctx, `SET LOCAL statement_timeout = '5s'`); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := tx.Exec(ctx, `UPDATE public.items SET v = v WHERE id = 2`); err != nil {
+		t.Fatalf("a writer to blue behind the quiet compare: %v (after %s)", err, time.Since(started).Round(time.Millisecond))
+	}
+	waited := time.Since(started)
+	if err := tx.Rollback(ctx); err != nil {
+		t.Fatal(err)
+	}
+	if waited > 2*time.Second {
+		t.Fatalf("a writer to blue waited %s behind the quiet compare; its catch-up budget is 300 ms", waited.Round(time.Millisecond))
+	}
+	// The compare keeps trying, letting the lock go each time.
+	waitTrue(t, 30*time.Second, "the quiet compare to try again", func() bool { return lockedCatchUps.Load() >= 2 })
+	stop()
+	if err := <-ran; err == nil {
+		t.Fatal("verification succeeded with green differing")
+	}
+	t.Logf("a writer waited %s; %d stalled catch-ups under the lock", waited.Round(time.Millisecond), lockedCatchUps.Load())
 }
