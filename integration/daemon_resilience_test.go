@@ -132,3 +132,42 @@ func TestDaemonThrottleQuery(t *testing.T) {
 		t.Fatalf("still throttled at ready: %q", m2.Throttled)
 	}
 }
+
+// A throttle query that fails holds the copy (the safe side), and status
+// says why, with PostgreSQL's message; fixed, the copy goes on.
+func TestDaemonBrokenThrottleQueryHoldsTheCopy(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(4000)
+	db.exec(`CREATE TABLE hold_copy (divisor int NOT NULL)`, `INSERT INTO hold_copy VALUES (1)`)
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)",
+		BatchSize: 100, MaxRowsPerSecond: 2000, ThrottleQuery: "SELECT 1 / divisor = 0 FROM hold_copy"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	db.startDaemon(daemon.Config{})
+	waitTrue(t, 60*time.Second, "the copy to run", func() bool { return db.rowsCopied(m.ID) >= 500 })
+	db.exec(`UPDATE hold_copy SET divisor = 0`)
+	var reason string
+	waitTrue(t, 30*time.Second, "status to say the copy is throttled", func() bool {
+		st := shadow.StatusOf(db.migration(m.ID), time.Now())
+		if st.Throttled != nil {
+			reason = *st.Throttled
+		}
+		return st.Throttled != nil
+	})
+	if !strings.Contains(reason, "throttle query failed") || !strings.Contains(reason, "division by zero") {
+		t.Fatalf("throttled: %q, want the failed query and PostgreSQL's message", reason)
+	}
+	held := db.rowsCopied(m.ID)
+	waitTrue(t, 30*time.Second, "the checkpoints to stand still for 3 s", func() bool {
+		return scalar[bool](db, `SELECT updated_at < now() - interval '3 seconds' FROM shadowctl.copy_ranges WHERE migration_id = $1 ORDER BY updated_at DESC LIMIT 1`, m.ID)
+	})
+	if got := db.rowsCopied(m.ID); got > held+200 || db.migration(m.ID).Phase != shadow.Copying {
+		t.Fatalf("copy went on with its throttle query failing: %d → %d rows", held, got)
+	}
+	db.exec(`UPDATE hold_copy SET divisor = 1`)
+	if m2 := db.waitPhase(m.ID, shadow.Ready, 60*time.Second); m2.Throttled != "" {
+		t.Fatalf("still throttled at ready: %q", m2.Throttled)
+	}
+}
