@@ -328,3 +328,96 @@ func TestEverydayBackfillCompositeQuotedKey(t *testing.T) {
 		t.Fatalf("%d rows wrong", wrong)
 	}
 }
+
+// A backfill never queues behind the application for longer than its
+// lock_timeout: a batch meeting a row the application holds gives up after
+// --lock-timeout, and is retried smaller; a writer to the rows the batch had
+// already taken waits no longer than that. Out of retries, the backfill
+// stops with ErrRetriesExhausted and records the error in the catalog. And
+// while one run is in progress, a second run of the same backfill is
+// refused (ErrRunning).
+func TestEverydayBackfillLockTimeoutRetriesAndOneRunAtATime(t *testing.T) {
+	ctx := context.Background()
+	pool, dsn := pgtest.NewPool(t)
+	mustExec(t, pool, `CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
+		INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 1000) g;`)
+	connect := func() *pgx.Conn {
+		c, err := pgx.Connect(ctx, dsn)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close(context.Background()) })
+		return c
+	}
+	cat := catalog.New("")
+	if _, _, err := cat.Init(ctx, connect()); err != nil {
+		t.Fatal(err)
+	}
+	app := connect()
+	if _, err := app.Exec(ctx, `BEGIN; SELECT 1 FROM items WHERE id = 500 FOR UPDATE`); err != nil {
+		t.Fatal(err)
+	}
+	spec := backfill.Update{Table: "items", Set: "label = 'p' || price"}
+	log := zerolog.New(zerolog.NewTestWriter(t))
+
+	// One run at a time: the first waits on row 500 (a long lock_timeout).
+	first, second := connect(), connect()
+	out := make(chan error, 1)
+	go func() {
+		_, err := backfill.RunUpdate(ctx, first, cat, spec, backfill.UpdateOptions{MaxBatch: 5000, LockTimeout: time.Minute, Log: log})
+		out <- err
+	}()
+	var appPID uint32
+	if err := app.QueryRow(ctx, `SELECT pg_backend_pid()`).Scan(&appPID); err != nil {
+		t.Fatal(err)
+	}
+	blocked := func() bool {
+		var waiting bool
+		if err := pool.QueryRow(ctx, `SELECT EXISTS (SELECT FROM pg_stat_activity
+			WHERE datname = current_database() AND $1 = ANY (pg_blocking_pids(pid)))`, appPID).Scan(&waiting); err != nil {
+			t.Fatal(err)
+		}
+		return waiting
+	}
+	pollUntil(t, 30*time.Second, "the first run's batch to wait for row 500", blocked)
+	if _, err := backfill.RunUpdate(ctx, second, cat, spec, backfill.UpdateOptions{Log: log}); !errors.Is(err, backfill.ErrRunning) {
+		t.Fatalf("a second run of the same backfill: %v, want ErrRunning", err)
+	}
+	if _, err := pool.Exec(ctx, `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+		WHERE datname = current_database() AND $1 = ANY (pg_blocking_pids(pid))`, appPID); err != nil {
+		t.Fatal(err)
+	}
+	if err := <-out; err == nil {
+		t.Fatal("the first run finished with its batch canceled")
+	}
+
+	// Short lock_timeout, two retries: a writer behind the batch waits at
+	// most about the timeout, and the backfill gives up.
+	go func() {
+		_, err := backfill.RunUpdate(ctx, second, cat, spec, backfill.UpdateOptions{MaxBatch: 5000, LockTimeout: 200 * time.Millisecond, Retries: 2, Log: log})
+		out <- err
+	}()
+	pollUntil(t, 30*time.Second, "a batch to wait for row 500", blocked)
+	probe := connect()
+	start := time.Now()
+	if _, err := probe.Exec(ctx, `UPDATE items SET price = price WHERE id = 499`); err != nil {
+		t.Fatal(err)
+	}
+	if waited := time.Since(start); waited > 2*time.Second {
+		t.Fatalf("a writer to row 499 waited %s behind the backfill's batch (lock_timeout 200ms)", waited.Round(time.Millisecond))
+	}
+	err := <-out
+	if !errors.Is(err, backfill.ErrRetriesExhausted) {
+		t.Fatalf("backfill against a held row: %v, want ErrRetriesExhausted", err)
+	}
+	var recorded string
+	if err := pool.QueryRow(ctx, `SELECT coalesce(error, '') FROM shadowctl.backfills`).Scan(&recorded); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(recorded, "retries exhausted") {
+		t.Fatalf("catalog error %q, want the retries exhausted", recorded)
+	}
+	if _, err := app.Exec(ctx, `ROLLBACK`); err != nil {
+		t.Fatal(err)
+	}
+}
