@@ -421,3 +421,59 @@ func TestEverydayBackfillLockTimeoutRetriesAndOneRunAtATime(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// Which rows a backfill covers: without --only-null, the keys up to the
+// largest present when it first started (rows inserted above it while it
+// runs are left alone: the application writes the new column for new rows);
+// with --only-null, it goes on past that bound while rows with a NULL
+// appear at higher keys.
+func TestEverydayBackfillKeyBounds(t *testing.T) {
+	for _, onlyNull := range []bool{false, true} {
+		t.Run(map[bool]string{false: "up to the starting key", true: "only null, past it"}[onlyNull], func(t *testing.T) {
+			ctx := context.Background()
+			pool, dsn := pgtest.NewPool(t)
+			mustExec(t, pool, `CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
+				INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 2000) g;`)
+			conn, err := pgx.Connect(ctx, dsn)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer conn.Close(ctx)
+			cat := catalog.New("")
+			if _, _, err := cat.Init(ctx, conn); err != nil {
+				t.Fatal(err)
+			}
+			spec := backfill.Update{Table: "items", Set: "label = 'p' || price"}
+			if onlyNull {
+				spec.OnlyNull = "label"
+			}
+			out := make(chan error, 1)
+			go func() {
+				// 100-row batches at 1,000 rows a second: two seconds.
+				_, err := backfill.RunUpdate(ctx, conn, cat, spec, backfill.UpdateOptions{MaxBatch: 100, MaxRowsPerSecond: 1000,
+					Log: zerolog.New(zerolog.NewTestWriter(t))})
+				out <- err
+			}()
+			pollUntil(t, 30*time.Second, "the backfill's first checkpoint", func() bool {
+				var n int64
+				_ = pool.QueryRow(ctx, `SELECT coalesce(max(rows_changed), 0) FROM shadowctl.backfills`).Scan(&n)
+				return n > 0
+			})
+			// New rows above the starting bound, the way an application
+			// that does not fill the column yet would write them.
+			mustExec(t, pool, `INSERT INTO items SELECT g, g, NULL FROM generate_series(2001, 2100) g`)
+			if err := <-out; err != nil {
+				t.Fatal(err)
+			}
+			var old, fresh int64
+			if err := pool.QueryRow(ctx, `SELECT count(*) FILTER (WHERE id <= 2000 AND label = 'p' || price),
+				count(*) FILTER (WHERE id > 2000 AND label IS NOT NULL) FROM items`).Scan(&old, &fresh); err != nil {
+				t.Fatal(err)
+			}
+			want := map[bool]int64{false: 0, true: 100}[onlyNull]
+			if old != 2000 || fresh != want {
+				t.Fatalf("%d of the 2,000 starting rows filled (want all), %d of the 100 new ones (want %d)", old, fresh, want)
+			}
+		})
+	}
+}
