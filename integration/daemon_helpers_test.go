@@ -210,3 +210,35 @@ func (db *testDB) rowsCopied(id string) int64 {
 }
 
 func hasLine(s, sub string) bool { return strings.Contains(s, sub) }
+
+// throttledReason waits until status says why the copy is throttled and
+// returns it; a migration that gets past the copy first fails the test.
+func (db *testDB) throttledReason(id string) string {
+	db.t.Helper()
+	var reason string
+	waitTrue(db.t, 30*time.Second, "status to say why the copy is throttled", func() bool {
+		st := shadow.StatusOf(db.migration(id), time.Now())
+		if p := st.Phase; p != string(shadow.Pending) && p != string(shadow.Preparing) && p != string(shadow.Copying) {
+			db.t.Fatalf("phase %s before the copy was ever held (copied %d rows)", st.Phase, db.rowsCopied(id))
+		}
+		if st.Throttled != nil {
+			reason = *st.Throttled
+		}
+		return st.Throttled != nil
+	})
+	return reason
+}
+
+// assertCopyHeld checks that a throttled copy stands still: its checkpoints
+// stop moving for 3 s (the gate keeps checking meanwhile), with at most the
+// batches already past the gate copied since held rows, and the migration
+// still copying.
+func (db *testDB) assertCopyHeld(id string, held int64) {
+	db.t.Helper()
+	waitTrue(db.t, 30*time.Second, "the checkpoints to stand still for 3 s (the gate keeps checking)", func() bool {
+		return scalar[bool](db, `SELECT updated_at < now() - interval '3 seconds' FROM shadowctl.copy_ranges WHERE migration_id = $1 ORDER BY updated_at DESC LIMIT 1`, id)
+	})
+	if got := db.rowsCopied(id); got > held+200 || db.migration(id).Phase != shadow.Copying {
+		db.t.Fatalf("the copy went on while throttled: %d → %d rows, phase %s", held, got, db.migration(id).Phase)
+	}
+}

@@ -106,26 +106,10 @@ func TestDaemonThrottleQuery(t *testing.T) {
 	db.startDaemon(daemon.Config{})
 	waitTrue(t, 60*time.Second, "the copy to run", func() bool { return db.rowsCopied(m.ID) >= 500 })
 	db.exec(`UPDATE hold_copy SET on_hold = true`)
-	var reason string
-	waitTrue(t, 30*time.Second, "status to say the copy is throttled", func() bool {
-		st := shadow.StatusOf(db.migration(m.ID), time.Now())
-		if st.Throttled != nil {
-			reason = *st.Throttled
-		}
-		return st.Throttled != nil
-	})
-	if !strings.Contains(reason, "throttle query") {
+	if reason := db.throttledReason(m.ID); !strings.Contains(reason, "throttle query") {
 		t.Fatalf("throttled: %q", reason)
 	}
-	// Held: the checkpoints stop moving (at most the batches already past
-	// the gate commit) while the daemon keeps checking.
-	held := db.rowsCopied(m.ID)
-	waitTrue(t, 30*time.Second, "the checkpoints to stand still for 3 s (the gate keeps checking)", func() bool {
-		return scalar[bool](db, `SELECT updated_at < now() - interval '3 seconds' FROM shadowctl.copy_ranges WHERE migration_id = $1 ORDER BY updated_at DESC LIMIT 1`, m.ID)
-	})
-	if got := db.rowsCopied(m.ID); got > held+200 || db.migration(m.ID).Phase != shadow.Copying {
-		t.Fatalf("copy went on while throttled: %d → %d rows", held, got)
-	}
+	db.assertCopyHeld(m.ID, db.rowsCopied(m.ID))
 	db.exec(`UPDATE hold_copy SET on_hold = false`)
 	m2 := db.waitPhase(m.ID, shadow.Ready, 60*time.Second)
 	if m2.Throttled != "" {
@@ -148,24 +132,10 @@ func TestDaemonBrokenThrottleQueryHoldsTheCopy(t *testing.T) {
 	db.startDaemon(daemon.Config{})
 	waitTrue(t, 60*time.Second, "the copy to run", func() bool { return db.rowsCopied(m.ID) >= 500 })
 	db.exec(`UPDATE hold_copy SET divisor = 0`)
-	var reason string
-	waitTrue(t, 30*time.Second, "status to say the copy is throttled", func() bool {
-		st := shadow.StatusOf(db.migration(m.ID), time.Now())
-		if st.Throttled != nil {
-			reason = *st.Throttled
-		}
-		return st.Throttled != nil
-	})
-	if !strings.Contains(reason, "throttle query failed") || !strings.Contains(reason, "division by zero") {
+	if reason := db.throttledReason(m.ID); !strings.Contains(reason, "throttle query failed") || !strings.Contains(reason, "division by zero") {
 		t.Fatalf("throttled: %q, want the failed query and PostgreSQL's message", reason)
 	}
-	held := db.rowsCopied(m.ID)
-	waitTrue(t, 30*time.Second, "the checkpoints to stand still for 3 s", func() bool {
-		return scalar[bool](db, `SELECT updated_at < now() - interval '3 seconds' FROM shadowctl.copy_ranges WHERE migration_id = $1 ORDER BY updated_at DESC LIMIT 1`, m.ID)
-	})
-	if got := db.rowsCopied(m.ID); got > held+200 || db.migration(m.ID).Phase != shadow.Copying {
-		t.Fatalf("copy went on with its throttle query failing: %d → %d rows", held, got)
-	}
+	db.assertCopyHeld(m.ID, db.rowsCopied(m.ID))
 	db.exec(`UPDATE hold_copy SET divisor = 1`)
 	if m2 := db.waitPhase(m.ID, shadow.Ready, 60*time.Second); m2.Throttled != "" {
 		t.Fatalf("still throttled at ready: %q", m2.Throttled)

@@ -3,6 +3,7 @@ package integration
 import (
 	"context"
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"regexp"
 	"strconv"
@@ -229,6 +230,34 @@ func pollUntil(t testing.TB, within time.Duration, what string, cond func() bool
 	}
 }
 
+// itemsToBackfill makes a database holding items(id, price, label) with n
+// rows whose label is NULL, and shadowctl's catalog. It returns a pool, a
+// session for the backfill, the catalog, and the DSN for more sessions.
+func itemsToBackfill(t *testing.T, n int) (*pgxpool.Pool, *pgx.Conn, catalog.Catalog, string) {
+	t.Helper()
+	pool, dsn := pgtest.NewPool(t)
+	mustExec(t, pool, fmt.Sprintf(`CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
+		INSERT INTO items SELECT g, g, NULL FROM generate_series(1, %d) g;`, n))
+	conn := connectTo(t, dsn)
+	cat := catalog.New("")
+	if _, _, err := cat.Init(context.Background(), conn); err != nil {
+		t.Fatal(err)
+	}
+	return pool, conn, cat, dsn
+}
+
+// connectTo opens a session closed when the test ends.
+func connectTo(t testing.TB, dsn string) *pgx.Conn {
+	t.Helper()
+	c, err := pgx.Connect(context.Background(), dsn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close(context.Background()) })
+	return c
+}
+
+
 func mustExec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
 	t.Helper()
 	if _, err := pool.Exec(context.Background(), sql, args...); err != nil {
@@ -241,18 +270,7 @@ func mustExec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
 // batch waits for the row lock, then re-checks IS NULL on the new version.
 func TestEverydayBackfillOnlyNullRecheckedUnderRowLock(t *testing.T) {
 	ctx := context.Background()
-	pool, dsn := pgtest.NewPool(t)
-	mustExec(t, pool, `CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
-		INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 1000) g;`)
-	conn, err := pgx.Connect(ctx, dsn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close(ctx)
-	cat := catalog.New("")
-	if _, _, err := cat.Init(ctx, conn); err != nil {
-		t.Fatal(err)
-	}
+	_, conn, cat, dsn := itemsToBackfill(t, 1000)
 	app, err := pgx.Connect(ctx, dsn)
 	if err != nil {
 		t.Fatal(err)
@@ -338,21 +356,8 @@ func TestEverydayBackfillCompositeQuotedKey(t *testing.T) {
 // refused (ErrRunning).
 func TestEverydayBackfillLockTimeoutRetriesAndOneRunAtATime(t *testing.T) {
 	ctx := context.Background()
-	pool, dsn := pgtest.NewPool(t)
-	mustExec(t, pool, `CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
-		INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 1000) g;`)
-	connect := func() *pgx.Conn {
-		c, err := pgx.Connect(ctx, dsn)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close(context.Background()) })
-		return c
-	}
-	cat := catalog.New("")
-	if _, _, err := cat.Init(ctx, connect()); err != nil {
-		t.Fatal(err)
-	}
+	pool, first, cat, dsn := itemsToBackfill(t, 1000)
+	connect := func() *pgx.Conn { return connectTo(t, dsn) }
 	app := connect()
 	if _, err := app.Exec(ctx, `BEGIN; SELECT 1 FROM items WHERE id = 500 FOR UPDATE`); err != nil {
 		t.Fatal(err)
@@ -361,7 +366,7 @@ func TestEverydayBackfillLockTimeoutRetriesAndOneRunAtATime(t *testing.T) {
 	log := zerolog.New(zerolog.NewTestWriter(t))
 
 	// One run at a time: the first waits on row 500 (a long lock_timeout).
-	first, second := connect(), connect()
+	second := connect()
 	out := make(chan error, 1)
 	go func() {
 		_, err := backfill.RunUpdate(ctx, first, cat, spec, backfill.UpdateOptions{MaxBatch: 5000, LockTimeout: time.Minute, Log: log})
@@ -431,18 +436,7 @@ func TestEverydayBackfillKeyBounds(t *testing.T) {
 	for _, onlyNull := range []bool{false, true} {
 		t.Run(map[bool]string{false: "up to the starting key", true: "only null, past it"}[onlyNull], func(t *testing.T) {
 			ctx := context.Background()
-			pool, dsn := pgtest.NewPool(t)
-			mustExec(t, pool, `CREATE TABLE items (id int PRIMARY KEY, price int NOT NULL, label text);
-				INSERT INTO items SELECT g, g, NULL FROM generate_series(1, 2000) g;`)
-			conn, err := pgx.Connect(ctx, dsn)
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer conn.Close(ctx)
-			cat := catalog.New("")
-			if _, _, err := cat.Init(ctx, conn); err != nil {
-				t.Fatal(err)
-			}
+			pool, conn, cat, _ := itemsToBackfill(t, 2000)
 			spec := backfill.Update{Table: "items", Set: "label = 'p' || price"}
 			if onlyNull {
 				spec.OnlyNull = "label"

@@ -44,6 +44,28 @@ func newTestDB(t testing.TB) *testDB {
 	return db
 }
 
+// ready submits req and drives it to ready. A logical migration is also
+// aborted when the test ends, whatever the test did, so that no slot
+// outlives it (a no-op once it is aborted, cut over or finalized).
+func (db *testDB) ready(req shadow.Request) *shadow.Migration {
+	db.t.Helper()
+	ctx := context.Background()
+	m, err := db.Runner.Submit(ctx, req)
+	if err != nil {
+		db.t.Fatalf("submit: %v", err)
+	}
+	if req.Sync == shadow.SyncLogical {
+		db.t.Cleanup(func() { _ = db.Runner.Abort(context.WithoutCancel(ctx), m.ID, "") })
+	}
+	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
+		db.t.Fatalf("drive to ready: %v", err)
+	}
+	if m.Phase != shadow.Ready {
+		db.t.Fatalf("phase %s after drive, want ready", m.Phase)
+	}
+	return m
+}
+
 // forEachSyncMode runs a lifecycle test once per sync mode.
 func forEachSyncMode(t *testing.T, fn func(t *testing.T, mode shadow.SyncMode)) {
 	for _, mode := range []shadow.SyncMode{shadow.SyncTrigger, shadow.SyncLogical} {

@@ -20,18 +20,7 @@ const issue4Alter = "ALTER COLUMN amount TYPE numeric(12,2)"
 // readyMigration submits alter on table and drives it to ready.
 func (db *testDB) readyMigration(table, alter string) string {
 	db.t.Helper()
-	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: table, Alter: alter, BatchSize: 1000})
-	if err != nil {
-		db.t.Fatalf("submit: %v", err)
-	}
-	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
-		db.t.Fatalf("drive to ready: %v", err)
-	}
-	if m.Phase != shadow.Ready {
-		db.t.Fatalf("phase %s after drive, want ready", m.Phase)
-	}
-	return m.ID
+	return db.ready(shadow.Request{Table: table, Alter: alter, BatchSize: 1000}).ID
 }
 
 // relkind is pg_class.relkind of name, "" when there is no such relation.

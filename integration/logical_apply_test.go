@@ -22,17 +22,7 @@ import (
 // in it until applyBacklog.
 func (db *testDB) readyLogical(table, alter string) *shadow.Migration {
 	db.t.Helper()
-	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: table, Alter: alter, Sync: shadow.SyncLogical})
-	if err != nil {
-		db.t.Fatal(err)
-	}
-	// Removes the slot whatever the test did (a no-op once aborted).
-	db.t.Cleanup(func() { _ = db.Runner.Abort(context.WithoutCancel(ctx), m.ID, "") })
-	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
-		db.t.Fatal(err)
-	}
-	return m
+	return db.ready(shadow.Request{Table: table, Alter: alter, Sync: shadow.SyncLogical})
 }
 
 // applyBacklog marks the end of the WAL, runs a follower until green has

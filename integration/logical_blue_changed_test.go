@@ -29,13 +29,7 @@ func TestLogicalStopsWhenBlueIsTruncatedOrAltered(t *testing.T) {
 			db.createOrders(2000)
 			before := dbFingerprint(t, db, "shadowctl")
 			ctx := context.Background()
-			m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
-			if err != nil {
-				t.Fatal(err)
-			}
-			if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
-				t.Fatal(err)
-			}
+			m := db.ready(shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
 			fctx, stop := context.WithTimeout(ctx, 20*time.Second)
 			defer stop()
 			done := make(chan error, 1)

@@ -21,13 +21,7 @@ func TestLogicalCutoverStallIsBounded(t *testing.T) {
 	db := newTestDB(t)
 	db.createOrders(1000)
 	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
-		t.Fatal(err)
-	}
+	m := db.ready(shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: shadow.SyncLogical})
 	fctx, stopFollow := context.WithCancel(ctx)
 	followed := make(chan error, 1)
 	go func() { followed <- db.Runner.Follow(fctx, m.ID) }()
@@ -93,7 +87,9 @@ func TestLogicalCutoverStallIsBounded(t *testing.T) {
 	if ph := db.migration(m.ID).Phase; ph != shadow.Ready {
 		t.Fatalf("phase %s after the failed cutover, want ready", ph)
 	}
-	if worst > 3*stall {
+	// The budget, plus the swap's statements and a loaded machine's delays;
+	// without the budget the write waited a minute.
+	if worst > stall+time.Second {
 		t.Fatalf("an application write waited %s during the cutover's attempts (stall budget %s)", worst.Round(time.Millisecond), stall)
 	}
 	t.Logf("%d application writes during the attempts, the slowest %s", writes, worst.Round(time.Millisecond))

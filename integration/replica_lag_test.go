@@ -56,27 +56,12 @@ func TestCopyWaitsForALaggingReplica(t *testing.T) {
 		t.Fatal(err)
 	}
 	db.startDaemon(daemon.Config{})
-	var reason string
-	waitTrue(t, 30*time.Second, "status to say the copy waits for the replica", func() bool {
-		st := shadow.StatusOf(db.migration(m.ID), time.Now())
-		if p := st.Phase; p != string(shadow.Pending) && p != string(shadow.Preparing) && p != string(shadow.Copying) {
-			t.Fatalf("phase %s before the copy was ever held (copied %d rows)", st.Phase, db.rowsCopied(m.ID))
-		}
-		if st.Throttled != nil {
-			reason = *st.Throttled
-		}
-		return st.Throttled != nil
-	})
+	reason := db.throttledReason(m.ID)
 	if !strings.Contains(reason, "replica lag") {
 		t.Fatalf("throttled: %q, want the replica's lag named", reason)
 	}
 	held := db.rowsCopied(m.ID)
-	waitTrue(t, 30*time.Second, "the checkpoints to stand still for 3 s (the gate keeps checking)", func() bool {
-		return scalar[bool](db, `SELECT updated_at < now() - interval '3 seconds' FROM shadowctl.copy_ranges WHERE migration_id = $1 ORDER BY updated_at DESC LIMIT 1`, m.ID)
-	})
-	if got := db.rowsCopied(m.ID); got > held+200 || got >= rows {
-		t.Fatalf("copy went on while the replica lagged: %d → %d rows", held, got)
-	}
+	db.assertCopyHeld(m.ID, held)
 	t.Logf("held at %d rows: %s", held, reason)
 
 	onStandby(`SELECT pg_wal_replay_resume()`)

@@ -30,13 +30,7 @@ func TestSwapCancelsAnAutovacuumInItsWay(t *testing.T) {
 	db := &testDB{t: t, DSN: srv.AdminDSN, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())}
 	createItems(db, "items", 50000)
 	db.exec(`ALTER TABLE items SET (autovacuum_enabled = false)`)
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil || m.Phase != shadow.Ready {
-		t.Fatalf("drive: %v %v", m.Phase, err)
-	}
+	m := db.ready(shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
 
 	// Dead rows in every page of blue, and an autovacuum that sleeps 100 ms
 	// after each page it reads.

@@ -26,13 +26,7 @@ func TestUserTriggersFireOnceThroughTheLifecycle(t *testing.T) {
 			END $$`,
 			`CREATE TRIGGER orders_audit AFTER INSERT OR UPDATE OR DELETE ON orders FOR EACH ROW EXECUTE FUNCTION audit_orders()`)
 		ctx := context.Background()
-		m, err := db.Runner.Submit(ctx, shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: mode})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil {
-			t.Fatal(err)
-		}
+		m := db.ready(shadow.Request{Table: "orders", Alter: "ALTER COLUMN amount TYPE numeric(12,2)", Sync: mode})
 		// writes makes one insert, one update and one delete through
 		// public.orders and checks that each was audited once.
 		stage := 0

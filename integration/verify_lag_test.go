@@ -22,13 +22,7 @@ func TestVerifierSharesCatchUpsBetweenLaggingChunks(t *testing.T) {
 	db := newTestDB(t)
 	createItems(db, "items", 1000) // keys 2, 4, ..., 2000
 	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil || m.Phase != shadow.Ready {
-		t.Fatalf("drive: %v %v", m.Phase, err)
-	}
+	m := db.ready(shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
 	db.exec(`ALTER TABLE green.items DISABLE TRIGGER ALL`)
 	var catchUps atomic.Int64
 	// The stand-in for the stream: a catch-up applies what green lacks.
@@ -77,13 +71,7 @@ func TestQuietCompareBoundsItsLockOnBlue(t *testing.T) {
 	db := newTestDB(t)
 	createItems(db, "items", 1000)
 	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if m, err = db.Runner.Drive(ctx, m.ID, shadow.Ready); err != nil || m.Phase != shadow.Ready {
-		t.Fatalf("drive: %v %v", m.Phase, err)
-	}
+	m := db.ready(shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
 	// A difference no catch-up removes, so the chunk goes to the quiet
 	// compare.
 	db.exec(`ALTER TABLE green.items DISABLE TRIGGER ALL`, `UPDATE green.items SET n = -1 WHERE id = 500`)
