@@ -257,7 +257,6 @@ func connectTo(t testing.TB, dsn string) *pgx.Conn {
 	return c
 }
 
-
 func mustExec(t testing.TB, pool *pgxpool.Pool, sql string, args ...any) {
 	t.Helper()
 	if _, err := pool.Exec(context.Background(), sql, args...); err != nil {

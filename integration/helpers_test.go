@@ -146,6 +146,18 @@ func (db *testDB) foreignKeysOf(table string) (all, valid int) {
 	return all, valid
 }
 
+// dbOn is a testDB on the maintenance database of a cluster of the test's
+// own (ownCluster, ownStandby), with a pool closed when the test ends.
+func dbOn(t *testing.T, srv *pgtest.Server) *testDB {
+	t.Helper()
+	pool, err := pgxpool.New(context.Background(), srv.AdminDSN)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(pool.Close)
+	return &testDB{t: t, DSN: srv.AdminDSN, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())}
+}
+
 // ownCluster starts a throwaway cluster of the test's own, with extra
 // settings, for what the shared one must not change. Where no server
 // binaries are found (SHADOWCTL_TEST_DSN only) the test is skipped, but

@@ -7,9 +7,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/integration/pgtest"
-	"github.com/shadowctl/shadowctl/internal/catalog"
 	"github.com/shadowctl/shadowctl/internal/daemon"
 	"github.com/shadowctl/shadowctl/shadow"
 )
@@ -21,12 +19,7 @@ func TestCopyWaitsForALaggingReplica(t *testing.T) {
 	ctx := context.Background()
 	primary := ownCluster(t, "with a streaming standby", nil)
 	standby := ownStandby(t, primary)
-	pool, err := pgxpool.New(ctx, primary.AdminDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	db := &testDB{t: t, DSN: primary.AdminDSN, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())}
+	db := dbOn(t, primary)
 	sb, err := pgxpool.New(ctx, standby.AdminDSN)
 	if err != nil {
 		t.Fatal(err)

@@ -6,10 +6,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/cutover"
-	"github.com/shadowctl/shadowctl/internal/catalog"
 	"github.com/shadowctl/shadowctl/shadow"
 )
 
@@ -22,12 +19,8 @@ import (
 func TestSwapCancelsAnAutovacuumInItsWay(t *testing.T) {
 	ctx := context.Background()
 	srv := ownCluster(t, "whose autovacuum looks every second", map[string]string{"autovacuum_naptime": "1"})
-	pool, err := pgxpool.New(ctx, srv.AdminDSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	db := &testDB{t: t, DSN: srv.AdminDSN, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())}
+	db := dbOn(t, srv)
+	pool := db.Pool
 	createItems(db, "items", 50000)
 	db.exec(`ALTER TABLE items SET (autovacuum_enabled = false)`)
 	m := db.ready(shadow.Request{Table: "items", Alter: "ALTER COLUMN n TYPE bigint"})
@@ -46,7 +39,7 @@ func TestSwapCancelsAnAutovacuumInItsWay(t *testing.T) {
 	var mu sync.Mutex
 	var canceled []cutover.Blocker
 	started := time.Now()
-	m, err = db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{LockTimeout: 100 * time.Millisecond, Deadline: 15 * time.Second,
+	m, err := db.Runner.Cutover(ctx, m.ID, shadow.CutoverOptions{LockTimeout: 100 * time.Millisecond, Deadline: 15 * time.Second,
 		OnAttempt: func(a cutover.Attempt) {
 			mu.Lock()
 			defer mu.Unlock()

@@ -4,9 +4,6 @@ import (
 	"context"
 	"testing"
 
-	"github.com/jackc/pgx/v5/pgxpool"
-	"github.com/rs/zerolog"
-	"github.com/shadowctl/shadowctl/internal/catalog"
 	"github.com/shadowctl/shadowctl/shadow"
 )
 
@@ -19,16 +16,11 @@ import (
 func TestSwapIsDurableWhenReported(t *testing.T) {
 	ctx := context.Background()
 	srv := ownCluster(t, "whose WAL writer waits 10 s", map[string]string{"wal_writer_delay": "'10s'"})
-	pool, err := pgxpool.New(ctx, srv.AdminDSN)
-	if err != nil {
+	db := dbOn(t, srv)
+	if _, err := db.Pool.Exec(ctx, `ALTER DATABASE postgres SET synchronous_commit = off`); err != nil {
 		t.Fatal(err)
 	}
-	defer pool.Close()
-	if _, err := pool.Exec(ctx, `ALTER DATABASE postgres SET synchronous_commit = off`); err != nil {
-		t.Fatal(err)
-	}
-	pool.Reset() // new sessions take the database's default
-	db := &testDB{t: t, DSN: srv.AdminDSN, Pool: pool, Runner: shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())}
+	db.Pool.Reset() // new sessions take the database's default
 	if got := scalar[string](db, `SHOW synchronous_commit`); got != "off" {
 		t.Fatalf("synchronous_commit is %s, want the database's default off", got)
 	}
