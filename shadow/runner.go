@@ -30,6 +30,10 @@ import (
 // while this process drove it.
 var ErrStopped = errors.New("the migration was stopped")
 
+// ErrGreenIndexMissing means that at the end of verification one of green's
+// indexes is missing or invalid; driving the migration again builds it.
+var ErrGreenIndexMissing = errors.New("an index of green is missing or invalid after its build; drive the migration again (`shadowctl drive`) to build it again")
+
 // Failpoints let tests interrupt the runner at exact places. Nil ones are off.
 type Failpoints struct {
 	// CopyBatch runs inside each copy batch's transaction before its commit.
@@ -801,6 +805,20 @@ func (r *Runner) verify(ctx context.Context, m *Migration) error {
 	g.Go(func() error { return r.compare(gctx, m) })
 	if err := g.Wait(); err != nil {
 		return err
+	}
+	// Green serves only with every index it will serve with, valid. The
+	// builds say so when they return; this says so for whatever happened
+	// to green since (an index dropped by hand, a build cut short after an
+	// earlier run recorded them built). Not recorded as built, a restart
+	// builds them again.
+	if built, err := r.greenIndexesBuilt(ctx, m); err != nil {
+		return err
+	} else if !built {
+		m.State.IndexesBuilt = false
+		if err := r.Store.SaveState(ctx, r.Pool, m.ID, m.State); err != nil {
+			return err
+		}
+		return fmt.Errorf("migration %s, green %s: %w", m.ID, m.State.Plan.Forward.Target, ErrGreenIndexMissing)
 	}
 	m.State.IndexesBuilt = true
 	if err := pgx.BeginFunc(ctx, r.Pool, func(tx pgx.Tx) error {
