@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
-	"github.com/jackc/pgx/v5/pgconn"
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/internal/catalog"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
@@ -270,19 +269,9 @@ func finish(ctx context.Context, conn *pgx.Conn, ck, id string, res UpdateResult
 // wrapped (e.g. "retries exhausted after 11 attempts: ..."), with
 // PostgreSQL's detail and hint when it carries them.
 func recordError(ctx context.Context, conn *pgx.Conn, ck, id string, err error) {
-	msg := err.Error()
-	var pgErr *pgconn.PgError
-	if errors.As(err, &pgErr) {
-		if pgErr.Detail != "" {
-			msg += "; detail: " + pgErr.Detail
-		}
-		if pgErr.Hint != "" {
-			msg += "; hint: " + pgErr.Hint
-		}
-	}
 	rctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 5*time.Second)
 	defer cancel()
-	_, _ = conn.Exec(rctx, `UPDATE `+ck+` SET error = $2, updated_at = now() WHERE id = $1`, id, msg)
+	_, _ = conn.Exec(rctx, `UPDATE `+ck+` SET error = $2, updated_at = now() WHERE id = $1`, id, pgsql.DescribeWrapped(err))
 }
 
 func sleep(ctx context.Context, d time.Duration) error {

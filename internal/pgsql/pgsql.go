@@ -103,7 +103,21 @@ func Describe(err error) string {
 	if !errors.As(err, &pgErr) {
 		return err.Error()
 	}
-	s := fmt.Sprintf("%s (SQLSTATE %s)", pgErr.Message, pgErr.Code)
+	return withDetail(fmt.Sprintf("%s (SQLSTATE %s)", pgErr.Message, pgErr.Code), pgErr)
+}
+
+// DescribeWrapped renders err whole, with what wraps the PostgreSQL error
+// (e.g. "retries exhausted after 11 attempts: ..."), plus its detail and
+// hint, which err.Error() leaves out.
+func DescribeWrapped(err error) string {
+	var pgErr *pgconn.PgError
+	if !errors.As(err, &pgErr) {
+		return err.Error()
+	}
+	return withDetail(err.Error(), pgErr)
+}
+
+func withDetail(s string, pgErr *pgconn.PgError) string {
 	if pgErr.Detail != "" {
 		s += "; detail: " + pgErr.Detail
 	}
