@@ -187,6 +187,11 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	if err := pgsql.SetLocalLockTimeout(ctx, tx, opts.LockTimeout); err != nil {
 		return res, err
 	}
+	if opts.AsyncCommit { // set now: under the lock every round trip counts
+		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
+			return res, err
+		}
+	}
 	if err := tx.QueryRow(ctx, "SELECT clock_timestamp()").Scan(&res.queuedAt); err != nil {
 		return res, err
 	}
@@ -220,11 +225,6 @@ func swapOnce(ctx context.Context, conn *pgx.Conn, relations []pgsql.QualifiedNa
 	res.LockWait = granted.Sub(lockStart)
 	if err := body(ctx, tx); err != nil {
 		return res, err
-	}
-	if opts.AsyncCommit {
-		if _, err := tx.Exec(ctx, "SET LOCAL synchronous_commit = off"); err != nil {
-			return res, err
-		}
 	}
 	if opts.BeforeCommit != nil {
 		if err := opts.BeforeCommit(ctx, tx); err != nil {

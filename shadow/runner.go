@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"slices"
 	"strings"
 	gosync "sync"
 	"time"
@@ -639,7 +640,11 @@ func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
 	if !m.logical() {
 		for _, c := range p.DeferredConstraints {
 			if err := r.withShortLock(ctx, m, "add foreign key "+c.Name, func(tx pgx.Tx) error {
-				return addGreenFK(ctx, tx, green, c)
+				stmts, err := addGreenFKsSQL(ctx, tx, green, []pgmeta.Constraint{c})
+				if err != nil {
+					return err
+				}
+				return sync.Exec(ctx, tx, stmts)
 			}); err != nil {
 				return err
 			}
@@ -723,16 +728,29 @@ func (r *Runner) vacuumGreen(ctx context.Context, m *Migration) error {
 	})
 }
 
-// addGreenFK adds one of green's deferred foreign keys NOT VALID, unless it
-// is there: new writes are checked at once, existing rows by
-// validateGreenFKs.
-func addGreenFK(ctx context.Context, tx pgx.Tx, green pgsql.QualifiedName, c pgmeta.Constraint) error {
-	var has bool
-	if err := tx.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = $2)`, green.Quoted(), c.Name).Scan(&has); err != nil || has {
-		return err
+// addGreenFKsSQL returns the statements that add those of green's deferred
+// foreign keys that are not there yet, NOT VALID: new writes are checked at
+// once, existing rows by validateGreenFKs. One catalog query for them all:
+// the cutover runs this under its lock.
+func addGreenFKsSQL(ctx context.Context, q pgsql.Querier, green pgsql.QualifiedName, cs []pgmeta.Constraint) ([]string, error) {
+	if len(cs) == 0 {
+		return nil, nil
 	}
-	_, err := tx.Exec(ctx, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s NOT VALID", green.Quoted(), pgsql.Ident(c.Name), c.Def))
-	return err
+	names := make([]string, len(cs))
+	for i, c := range cs {
+		names[i] = c.Name
+	}
+	var have []string
+	if err := q.QueryRow(ctx, `SELECT coalesce(array_agg(conname::text), '{}') FROM pg_constraint WHERE conrelid = to_regclass($1) AND conname = ANY($2)`, green.Quoted(), names).Scan(&have); err != nil {
+		return nil, fmt.Errorf("list the foreign keys of %s: %w", green, err)
+	}
+	var stmts []string
+	for _, c := range cs {
+		if !slices.Contains(have, c.Name) {
+			stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s ADD CONSTRAINT %s %s NOT VALID", green.Quoted(), pgsql.Ident(c.Name), c.Def))
+		}
+	}
+	return stmts, nil
 }
 
 // validateGreenFKs validates green's deferred foreign keys under the
@@ -850,11 +868,11 @@ func (r *Runner) compare(ctx context.Context, m *Migration) error {
 		// from the application at once. The stall limit is the backlog's:
 		// a chunk's catch-up may be the one that waits for all of it.
 		if r.pace(m)(ctx).Busy {
-			if err := r.catchUp(ctx, m, 0, time.Minute, false); err != nil {
+			if err := r.catchUp(ctx, r.Pool, m, 0, time.Minute, false); err != nil {
 				return err
 			}
 		}
-		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, m, 0, time.Minute, false) }
+		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, r.Pool, m, 0, time.Minute, false) }
 		// Smaller chunks: with an asynchronous sync a chunk that is written
 		// to while compared is compared again, so hot chunks should be small.
 		v.ChunkRows = 5000
@@ -862,7 +880,7 @@ func (r *Runner) compare(ctx context.Context, m *Migration) error {
 	res, err := v.Run(ctx)
 	if err == nil && m.logical() {
 		// Ready means green is current, not only that it was equal.
-		err = r.catchUp(ctx, m, 0, time.Minute, false)
+		err = r.catchUp(ctx, r.Pool, m, 0, time.Minute, false)
 	}
 	if serr := r.Store.SaveVerify(ctx, r.Pool, m.ID, res); serr != nil && err == nil {
 		err = serr

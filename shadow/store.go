@@ -204,15 +204,38 @@ func (s *Store) ActiveOn(ctx context.Context, t pgsql.QualifiedName) (string, er
 // records the event and announces it. It fails with ErrWrongPhase when the
 // migration is elsewhere (someone else moved it).
 func (s *Store) SetPhase(ctx context.Context, q pgsql.Querier, id string, from []Phase, to Phase, errMsg string) error {
+	return s.setPhase(ctx, q, id, from, to, errMsg, nil)
+}
+
+// SetPhaseAndState is SetPhase that also writes the migration's working
+// state, in the same statement.
+func (s *Store) SetPhaseAndState(ctx context.Context, q pgsql.Querier, id string, from []Phase, to Phase, st State) error {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return err
+	}
+	return s.setPhase(ctx, q, id, from, to, "", b)
+}
+
+func (s *Store) setPhase(ctx context.Context, q pgsql.Querier, id string, from []Phase, to Phase, errMsg string, state []byte) error {
 	fromS := make([]string, len(from))
 	for i, p := range from {
 		fromS[i] = string(p)
 	}
+	// One statement (phase, audit event, notification): swaps call this
+	// under a lock the application waits on, where every round trip counts.
 	var prev string
-	err := q.QueryRow(ctx, `UPDATE `+s.Cat.T("migrations")+` m SET phase = $2, error = nullif($3, ''), updated_at = now(), phase_changed_at = now(),
-			cut_over_at = CASE WHEN $2 = 'cut_over' AND m.phase = 'cutting_over' THEN now() ELSE cut_over_at END
-		WHERE id = $1 AND phase = ANY($4)
-		RETURNING (SELECT phase FROM `+s.Cat.T("migrations")+` WHERE id = $1)`, id, string(to), errMsg, fromS).Scan(&prev)
+	err := q.QueryRow(ctx, `WITH changed AS (
+			UPDATE `+s.Cat.T("migrations")+` m SET phase = $2, error = nullif($3, ''), state = coalesce($6, state), updated_at = now(), phase_changed_at = now(),
+				cut_over_at = CASE WHEN $2 = 'cut_over' AND m.phase = 'cutting_over' THEN now() ELSE cut_over_at END
+			WHERE id = $1 AND phase = ANY($4)
+			RETURNING (SELECT phase FROM `+s.Cat.T("migrations")+` WHERE id = $1) AS prev
+		), event AS (
+			INSERT INTO `+s.Cat.T("events")+` (migration_id, kind, message, data)
+			SELECT $1, 'phase', prev || ' → ' || $2 || coalesce(': ' || nullif($3, ''), ''), jsonb_build_object('from', prev, 'to', $2::text)
+			  FROM changed
+		)
+		SELECT prev, pg_notify($5, $1) FROM changed`, id, string(to), errMsg, fromS, NotifyChannel, state).Scan(&prev, nil)
 	if errors.Is(err, pgx.ErrNoRows) {
 		cur, gerr := s.Get(ctx, q, id)
 		if gerr != nil {
@@ -223,15 +246,7 @@ func (s *Store) SetPhase(ctx context.Context, q pgsql.Querier, id string, from [
 	if err != nil {
 		return fmt.Errorf("migration %s: set phase %s: %w", id, to, err)
 	}
-	msg := fmt.Sprintf("%s → %s", prev, to)
-	if errMsg != "" {
-		msg += ": " + errMsg
-	}
-	if err := s.Event(ctx, q, id, "phase", msg, map[string]string{"from": prev, "to": string(to)}); err != nil {
-		return err
-	}
-	_, err = q.Exec(ctx, `SELECT pg_notify($1, $2)`, NotifyChannel, id)
-	return err
+	return nil
 }
 
 // SaveState writes the migration's working state.

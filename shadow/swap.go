@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/jackc/pgx/v5/pgxpool"
 	"github.com/shadowctl/shadowctl/cutover"
 	"github.com/shadowctl/shadowctl/internal/pgmeta"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
@@ -178,15 +179,40 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 	if stall <= 0 {
 		stall = DefaultMaxCutoverStall
 	}
-	if logical {
-		// Drain the backlog before taking any lock, so that under the lock
-		// only the last moments' changes are left to apply.
-		if drainRounds, err = r.drainForSwap(ctx, m); err != nil {
-			_ = r.Store.SetPhase(context.WithoutCancel(ctx), r.Pool, id, []Phase{CuttingOver}, prev, "")
-			return m, fmt.Errorf("cutover of %s: %w", id, err)
-		}
-	}
 	fwd, rev := r.forwardSync(m), r.reverseSync(m)
+	// What can be done before the lock is: the application waits for
+	// every millisecond after it.
+	var greenFKs []string
+	var marker *pgxpool.Conn
+	err = func() error {
+		if err := r.withShortLock(ctx, m, "create the reverse sync's functions", func(tx pgx.Tx) error {
+			return sync.Exec(ctx, tx, rev.FunctionsSQL())
+		}); err != nil {
+			return err
+		}
+		if !logical {
+			return nil
+		}
+		// Green's foreign keys that a previous cutover has not added
+		// (only this migration, whose claim we hold, adds them).
+		if greenFKs, err = addGreenFKsSQL(ctx, r.Pool, green, p.DeferredConstraints); err != nil {
+			return err
+		}
+		// Drain the backlog before taking any lock, so that under the
+		// lock only the last moments' changes are left to apply.
+		if drainRounds, err = r.drainForSwap(ctx, m); err != nil {
+			return err
+		}
+		marker, err = r.Pool.Acquire(ctx)
+		return err
+	}()
+	if marker != nil {
+		defer marker.Release()
+	}
+	if err != nil {
+		_ = r.Store.SetPhase(context.WithoutCancel(ctx), r.Pool, id, []Phase{CuttingOver}, prev, "")
+		return m, fmt.Errorf("cutover of %s: %w", id, err)
+	}
 	swapOpts := opts.asyncSwapOptions(r, id)
 	if logical {
 		// Green is locked fully only after the drain under blue's lock. An
@@ -197,39 +223,32 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		swapOpts.Guarded = []pgsql.QualifiedName{green}
 	}
 	res, err := cutover.Swap(ctx, r.Pool, lockFirst, func(ctx context.Context, tx pgx.Tx) error {
+		var stmts []string // one round trip: the application waits on the lock
 		if logical {
 			// Blue takes no writes now: mark the WAL and let green apply
 			// everything before the mark, within the stall budget.
 			start := time.Now()
-			if err := r.catchUp(ctx, m, stall, stall, true); err != nil {
+			if err := r.catchUp(ctx, marker, m, stall, stall, true); err != nil {
 				return err
 			}
 			caughtUpUnderLock = time.Since(start)
 			for _, rel := range lockAfterDrain {
-				if _, err := tx.Exec(ctx, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE"); err != nil {
-					return fmt.Errorf("lock %s: %w", rel, err)
-				}
+				stmts = append(stmts, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE")
 			}
 			// Blue's changes from now on come from the reverse sync: stop
 			// publishing them.
-			if _, err := tx.Exec(ctx, "DROP PUBLICATION IF EXISTS "+pgsql.Ident(m.State.Publication)); err != nil {
-				return err
-			}
+			stmts = append(stmts, "DROP PUBLICATION IF EXISTS "+pgsql.Ident(m.State.Publication))
 			// Green equals blue now: its foreign keys, held back while the
 			// stream replayed the past (see buildDeferred), check every
 			// write from here on; the rows are validated after the commit.
-			for _, c := range p.DeferredConstraints {
-				if err := addGreenFK(ctx, tx, green, c); err != nil {
-					return fmt.Errorf("add foreign key %s to green: %w", c.Name, err)
-				}
-			}
+			stmts = append(stmts, greenFKs...)
 		}
-		stmts := fwd.DropTriggersSQL()
+		stmts = append(stmts, fwd.DropTriggersSQL()...)
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", m.Table.Quoted(), pgsql.Ident(parked.Name)))
 		stmts = append(stmts, viewSQL(m.Table, p.Green, p.Blue)...)
 		stmts = append(stmts, greenAccessSQL(p.Blue, p.Green)...)
 		stmts = append(stmts, userTriggersToGreen(p.Blue, parked, green)...)
-		stmts = append(stmts, rev.CreateSQL()...)
+		stmts = append(stmts, rev.TriggersSQL()...)
 		for _, fk := range p.Blue.InboundFKs {
 			stmts = append(stmts, repointFK(fk, green)...)
 		}
@@ -265,10 +284,7 @@ func (r *Runner) recordServing(ctx context.Context, tx pgx.Tx, m *Migration, fro
 	if to == CutOver {
 		st.LogicalDone = true // every later sync is by triggers
 	}
-	if err := r.Store.SaveState(ctx, tx, m.ID, st); err != nil {
-		return err
-	}
-	return r.Store.SetPhase(ctx, tx, m.ID, []Phase{from}, to, "")
+	return r.Store.SetPhaseAndState(ctx, tx, m.ID, []Phase{from}, to, st)
 }
 
 // swapDrain is what a logical cutover did to catch green up (see drainForSwap).
@@ -374,12 +390,19 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 		relations = append(relations, pgsql.QualifiedName{Schema: fk.Schema, Name: fk.Table})
 	}
 	fwd, rev := r.forwardSync(m), r.reverseSync(m)
+	// Created before the lock, which the application waits on.
+	if err := r.withShortLock(ctx, m, "create the forward sync's functions", func(tx pgx.Tx) error {
+		return sync.Exec(ctx, tx, fwd.FunctionsSQL())
+	}); err != nil {
+		_ = r.Store.SetPhase(context.WithoutCancel(ctx), r.Pool, id, []Phase{RollingBack}, CutOver, "")
+		return m, fmt.Errorf("rollback of %s: %w", id, err)
+	}
 	res, err := cutover.Swap(ctx, r.Pool, relations, func(ctx context.Context, tx pgx.Tx) error {
 		stmts := rev.DropTriggersSQL()
 		stmts = append(stmts, "DROP VIEW "+m.Table.Quoted())
 		stmts = append(stmts, fmt.Sprintf("ALTER TABLE %s RENAME TO %s", parked.Quoted(), pgsql.Ident(m.Table.Name)))
 		stmts = append(stmts, userTriggersToBlue(p.Blue, m.Table, green)...)
-		stmts = append(stmts, fwd.CreateSQL()...)
+		stmts = append(stmts, fwd.TriggersSQL()...)
 		for _, fk := range p.Blue.InboundFKs {
 			stmts = append(stmts, repointFK(fk, m.Table)...)
 		}

@@ -132,10 +132,12 @@ type Applier struct {
 	// SourceColumns is blue's definition when the sync started: a relation
 	// message that differs means DDL on blue.
 	SourceColumns []pgmeta.Column
-	// Position reads and writes the applied WAL position in the catalog;
-	// Save runs inside the green transaction it covers.
+	// LoadPosition reads the applied WAL position from the catalog;
+	// SavePosition is the statement that records it, which runs inside the
+	// green transaction it covers, sent with that transaction's changes
+	// (or by itself, for a marker with nothing to apply before it).
 	LoadPosition func(ctx context.Context) (pglogrepl.LSN, error)
-	SavePosition func(ctx context.Context, tx pgx.Tx, lsn pglogrepl.LSN, at time.Time) error
+	SavePosition func(lsn pglogrepl.LSN, at time.Time) (sql string, args []any)
 	// MaxRetainedWAL stops the sync when the slot holds more WAL (0: no limit).
 	MaxRetainedWAL int64
 	// FlushEvery bounds how long applied changes wait before their green
@@ -211,7 +213,7 @@ type work struct {
 	commit bool
 	endLSN pglogrepl.LSN
 	at     time.Time
-	// marker > 0: afterwards, record it as applied in a transaction of its own.
+	// marker > 0: record it as applied, by itself (nothing to commit).
 	marker pglogrepl.LSN
 }
 
@@ -499,11 +501,15 @@ func (a *Applier) Run(ctx context.Context) error {
 				default:
 				}
 				// Everything committed before the marker has been received:
-				// commit it and record the marker's position as applied.
-				if err := flush(); err != nil {
-					return err
-				}
-				if err := handOff(work{marker: m.LSN}); err != nil {
+				// commit it and record the marker's position as applied,
+				// in the same green transaction when there is one (under
+				// a swap's lock every commit is the application's wait).
+				if cur != nil {
+					cur.endLSN = max(cur.endLSN, m.LSN)
+					if err := flush(); err != nil {
+						return err
+					}
+				} else if err := handOff(work{marker: m.LSN}); err != nil {
 					return err
 				}
 				ackLSN = max(ackLSN, m.LSN)
@@ -536,15 +542,16 @@ func (a *Applier) write(ctx context.Context, queue <-chan work, outstanding *ato
 		for _, s := range w.stmts {
 			b.Queue(s.sql, s.args...)
 		}
+		if w.commit {
+			sql, args := a.SavePosition(w.endLSN, w.at)
+			b.Queue(sql, args...)
+		}
 		if b.Len() > 0 {
 			if err := tx.SendBatch(ctx, b).Close(); err != nil {
 				return fmt.Errorf("apply to %s: %w", a.Mapping.Target, err)
 			}
 		}
 		if w.commit {
-			if err := a.SavePosition(ctx, tx, w.endLSN, w.at); err != nil {
-				return err
-			}
 			err := tx.Commit(ctx)
 			tx = nil
 			if err != nil {
@@ -596,10 +603,13 @@ func (a *Applier) rest(ctx context.Context, took time.Duration) error {
 	}
 }
 
+// savePositionNow records lsn as applied in one statement of its own.
 func (a *Applier) savePositionNow(ctx context.Context, lsn pglogrepl.LSN) error {
-	return pgx.BeginFunc(ctx, a.Pool, func(tx pgx.Tx) error {
-		return a.SavePosition(ctx, tx, lsn, time.Now())
-	})
+	sql, args := a.SavePosition(lsn, time.Now())
+	if _, err := a.Pool.Exec(ctx, sql, args...); err != nil {
+		return fmt.Errorf("record the applied position: %w", err)
+	}
+	return nil
 }
 
 // checkRelation fails on a relation message that does not describe blue as

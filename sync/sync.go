@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"strings"
 
+	"github.com/jackc/pgx/v5"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/internal/rowmap"
 )
@@ -33,10 +34,17 @@ type Trigger struct {
 	Guard *rowmap.KeyBuckets
 }
 
-// CreateSQL returns the statements that create the sync. Creating the
-// triggers takes SHARE ROW EXCLUSIVE on the source: run them under a short
-// lock_timeout.
+// CreateSQL returns the statements that create the sync: FunctionsSQL, then
+// TriggersSQL. Creating the triggers takes SHARE ROW EXCLUSIVE on the
+// source: run them under a short lock_timeout.
 func (t Trigger) CreateSQL() []string {
+	return append(t.FunctionsSQL(), t.TriggersSQL()...)
+}
+
+// FunctionsSQL returns the statements that create (or replace) the sync's
+// trigger functions. They lock no table, so a swap runs them before it
+// takes its lock: validating a function body cost 2 ms of the hold.
+func (t Trigger) FunctionsSQL() []string {
 	m := t.Mapping
 	alias := pgsql.Ident(m.Alias)
 	var b strings.Builder
@@ -64,16 +72,26 @@ func (t Trigger) CreateSQL() []string {
 	b.WriteString("  IF TG_OP <> 'DELETE' THEN\n")
 	fmt.Fprintf(&b, "    %s %s;\n", m.InsertSelect("(SELECT NEW.*)"), m.OnConflictUpdate())
 	b.WriteString("  END IF;\n  RETURN NULL;\nEND\n$shadowctl$")
+	stmts := []string{b.String()}
+	if t.TruncateName != "" {
+		stmts = append(stmts,
+			fmt.Sprintf("CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $shadowctl$\nBEGIN\n%s;\nRETURN NULL;\nEND\n$shadowctl$",
+				t.TruncateFunc.Quoted(), t.OnTruncate))
+	}
+	return stmts
+}
+
+// TriggersSQL returns the statements that attach the functions to the
+// source (again, if they are there already).
+func (t Trigger) TriggersSQL() []string {
+	m := t.Mapping
 	stmts := []string{
-		b.String(),
 		fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.Name), m.Source.Quoted()),
 		fmt.Sprintf("CREATE TRIGGER %s AFTER INSERT OR UPDATE OR DELETE ON %s FOR EACH ROW EXECUTE FUNCTION %s()",
 			pgsql.Ident(t.Name), m.Source.Quoted(), t.Func.Quoted()),
 	}
 	if t.TruncateName != "" {
 		stmts = append(stmts,
-			fmt.Sprintf("CREATE OR REPLACE FUNCTION %s() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $shadowctl$\nBEGIN\n%s;\nRETURN NULL;\nEND\n$shadowctl$",
-				t.TruncateFunc.Quoted(), t.OnTruncate),
 			fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.TruncateName), m.Source.Quoted()),
 			fmt.Sprintf("CREATE TRIGGER %s AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION %s()",
 				pgsql.Ident(t.TruncateName), m.Source.Quoted(), t.TruncateFunc.Quoted()))
@@ -156,22 +174,17 @@ func sameSet(a, b []string) bool {
 	return true
 }
 
-// Exec runs statements in order on q.
+// Exec runs statements in order on q. Inside a transaction they go in one
+// round trip (pgsql.ExecPipelined): swaps run them under a lock the
+// application waits on. Outside one each runs, and commits, by itself.
 func Exec(ctx context.Context, q pgsql.Querier, stmts []string) error {
+	if tx, ok := q.(pgx.Tx); ok {
+		return pgsql.ExecPipelined(ctx, tx, stmts)
+	}
 	for _, s := range stmts {
 		if _, err := q.Exec(ctx, s); err != nil {
-			return fmt.Errorf("%s: %w", firstLine(s), err)
+			return fmt.Errorf("%s: %w", pgsql.FirstLine(s, 120), err)
 		}
 	}
 	return nil
-}
-
-func firstLine(s string) string {
-	if i := strings.IndexByte(s, '\n'); i >= 0 {
-		s = s[:i]
-	}
-	if len(s) > 120 {
-		s = s[:120] + "…"
-	}
-	return s
 }

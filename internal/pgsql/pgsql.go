@@ -181,3 +181,56 @@ func RedactError(err error, dsn string) error {
 
 func (e *RedactedError) Error() string { return Redact(e.err.Error(), e.dsn) }
 func (e *RedactedError) Unwrap() error { return e.err }
+
+// PipelineError is a statement of ExecPipelined that failed: its position
+// and the server's error.
+type PipelineError struct {
+	Index int
+	SQL   string
+	Err   error
+}
+
+func (e *PipelineError) Error() string { return fmt.Sprintf("%s: %v", e.SQL, e.Err) }
+func (e *PipelineError) Unwrap() error { return e.Err }
+
+// ExecPipelined runs parameterless statements inside tx in one round trip
+// (one extended-protocol pipeline, one Sync) rather than one each. A swap
+// runs a dozen DDL statements while the application waits on its lock; on a
+// busy 2-core machine each round trip cost 0.2–2 ms of that wait. The
+// statements run in order in tx's transaction; the first failure ends the
+// transaction (the server skips the rest) and comes back as a
+// *PipelineError naming the statement (by its label: its first line).
+func ExecPipelined(ctx context.Context, tx pgx.Tx, stmts []string) error {
+	if len(stmts) == 0 {
+		return nil
+	}
+	var b pgconn.Batch
+	for _, s := range stmts {
+		b.ExecParams(s, nil, nil, nil, nil)
+	}
+	mrr := tx.Conn().PgConn().ExecBatch(ctx, &b)
+	done := 0
+	for mrr.NextResult() {
+		if _, err := mrr.ResultReader().Close(); err != nil {
+			break
+		}
+		done++
+	}
+	if err := mrr.Close(); err != nil {
+		i := min(done, len(stmts)-1)
+		return &PipelineError{Index: i, SQL: FirstLine(stmts[i], 120), Err: err}
+	}
+	return nil
+}
+
+// FirstLine is a statement's label for errors and logs: its first line, at
+// most n bytes.
+func FirstLine(s string, n int) string {
+	if i := strings.IndexByte(s, '\n'); i >= 0 {
+		s = s[:i]
+	}
+	if len(s) > n {
+		s = strings.ToValidUTF8(s[:n], "") + "…"
+	}
+	return s
+}
