@@ -77,3 +77,27 @@ func TestLockRefusesATransactionPoolingProxy(t *testing.T) {
 	}
 	_ = l.Release(ctx)
 }
+
+// `shadowctl start` through a transaction pool refuses before it changes
+// anything: no migration recorded, no green table, no trigger.
+func TestStartRefusesATransactionPoolingProxy(t *testing.T) {
+	db := newTestDB(t)
+	db.createOrders(1000)
+	viaProxy := startTxPoolProxy(t, db.DSN).DSN(db.DSN)
+	r := runCLI(t, nil, "--dsn", viaProxy, "start", "--table", "orders", "--alter", "ALTER COLUMN amount TYPE numeric(12,2)")
+	t.Logf("start through the proxy: exit %d: %s", r.Code, strings.TrimSpace(r.Stderr))
+	if r.Code == 0 || !strings.Contains(r.Stderr, "transaction-pooling proxy") {
+		t.Fatalf("start through a transaction pool: exit %d, stderr:\n%s", r.Code, r.Stderr)
+	}
+	if scalar[bool](db, `SELECT to_regclass('shadowctl.migrations') IS NOT NULL`) {
+		if n := scalar[int](db, `SELECT count(*)::int FROM shadowctl.migrations`); n != 0 {
+			t.Fatalf("start through a transaction pool left %d migrations in the catalog", n)
+		}
+	}
+	if n := scalar[int](db, `SELECT count(*)::int FROM pg_trigger WHERE tgrelid = 'orders'::regclass AND NOT tgisinternal`); n != 0 {
+		t.Fatalf("start through a transaction pool left %d triggers on orders", n)
+	}
+	if n := scalar[int](db, `SELECT count(*)::int FROM pg_class WHERE relnamespace = to_regnamespace('green')`); n != 0 {
+		t.Fatalf("start through a transaction pool left %d relations in schema green", n)
+	}
+}

@@ -64,13 +64,18 @@
 // server sessions between statements); an idle transaction pool may happen to
 // serve both statements from one session, so point shadowctl at PostgreSQL
 // itself or at a session-mode pool. BackendPID() tells which server process
-// holds the lock.
+// holds the lock. CheckDirect runs the same check with a throwaway lock;
+// submitting a migration calls it, so that a pooler is refused before the
+// migration is recorded (TestStartRefusesATransactionPoolingProxy, with a
+// test proxy that pools as pgbouncer does in transaction mode).
 package lock
 
 import (
 	"context"
+	"crypto/rand"
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
 	"errors"
 	"fmt"
 	"math"
@@ -399,6 +404,27 @@ func (l *Lock) Err() error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return l.err
+}
+
+// CheckDirect fails with ErrPooler when cfg reaches PostgreSQL through a
+// transaction-pooling proxy. It takes a lock of its own (a random name) and
+// lets it go, so it proves what Acquire proves, with nobody waiting on it.
+// Callers that are about to change something and then hold locks for a long
+// time (submitting a migration) call it first, so that a refusal finds the
+// database as it was.
+func CheckDirect(ctx context.Context, cfg *pgx.ConnConfig) error {
+	var b [8]byte
+	if _, err := rand.Read(b[:]); err != nil {
+		return err
+	}
+	l, err := Acquire(ctx, cfg, "session-check:"+hex.EncodeToString(b[:]), 0)
+	if errors.Is(err, ErrPooler) {
+		return fmt.Errorf("the connection's statements do not all reach one server session: %w", ErrPooler)
+	}
+	if err != nil {
+		return err
+	}
+	return l.Release(ctx)
 }
 
 // Release unlocks and closes the connection. It is idempotent: later calls

@@ -23,6 +23,7 @@ import (
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/internal/retry"
 	"github.com/shadowctl/shadowctl/internal/rowmap"
+	"github.com/shadowctl/shadowctl/lock"
 	"github.com/shadowctl/shadowctl/sync"
 	"golang.org/x/sync/errgroup"
 )
@@ -107,6 +108,12 @@ func (r *Runner) Submit(ctx context.Context, req Request) (*Migration, error) {
 		return nil, err
 	}
 	if _, err := parseAlter(req.Alter); err != nil && strings.TrimSpace(req.Alter) != "" {
+		return nil, err
+	}
+	// A migration's driver holds an advisory lock for hours; through a
+	// transaction pool that lock protects nothing. Refuse before anything
+	// is recorded, rather than at the first claim after it.
+	if err := lock.CheckDirect(ctx, r.ConnConfig); err != nil {
 		return nil, err
 	}
 	if _, _, err := r.Store.Cat.Init(ctx, r.Pool); err != nil {
