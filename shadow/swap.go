@@ -183,6 +183,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 	// What can be done before the lock is: the application waits for
 	// every millisecond after it.
 	var greenFKs []string
+	var published bool // blue is in the migration's publication
 	var marker *pgxpool.Conn
 	err = func() error {
 		if err := r.withShortLock(ctx, m, "create the reverse sync's functions", func(tx pgx.Tx) error {
@@ -197,6 +198,10 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		// (only this migration, whose claim we hold, adds them).
 		if greenFKs, err = addGreenFKsSQL(ctx, r.Pool, green, p.DeferredConstraints); err != nil {
 			return err
+		}
+		if err := r.Pool.QueryRow(ctx, `SELECT EXISTS (SELECT 1 FROM pg_publication_rel pr JOIN pg_publication p ON p.oid = pr.prpubid
+			WHERE p.pubname = $1 AND pr.prrelid = to_regclass($2))`, m.State.Publication, m.Table.Quoted()).Scan(&published); err != nil {
+			return fmt.Errorf("read publication %s: %w", m.State.Publication, err)
 		}
 		// Drain the backlog before taking any lock, so that under the
 		// lock only the last moments' changes are left to apply.
@@ -236,8 +241,17 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 				stmts = append(stmts, "LOCK TABLE "+rel.Quoted()+" IN ACCESS EXCLUSIVE MODE")
 			}
 			// Blue's changes from now on come from the reverse sync: stop
-			// publishing them.
-			stmts = append(stmts, "DROP PUBLICATION IF EXISTS "+pgsql.Ident(m.State.Publication))
+			// publishing them, or a follower still reading would apply
+			// them back into green. Taking blue out of the publication
+			// rather than dropping it: a WAL sender decoding past a
+			// dropped publication fails ("publication does not exist",
+			// an ERROR in the server's log at every cutover) and its
+			// follower reconnects and decodes again, with the
+			// application just let go; the publication goes with the
+			// slot after the commit.
+			if published {
+				stmts = append(stmts, fmt.Sprintf("ALTER PUBLICATION %s DROP TABLE %s", pgsql.Ident(m.State.Publication), m.Table.Quoted()))
+			}
 			// Green equals blue now: its foreign keys, held back while the
 			// stream replayed the past (see buildDeferred), check every
 			// write from here on; the rows are validated after the commit.
