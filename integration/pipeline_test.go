@@ -52,6 +52,36 @@ func TestPipelinedStatementsRunInOrderAndNameTheOneThatFailed(t *testing.T) {
 	if n := scalar[int](db, `SELECT count(*)::int FROM pg_class WHERE relname IN ('third', 'fourth')`); n != 0 {
 		t.Fatalf("%d of the failed pipeline's tables exist after its rollback, want 0", n)
 	}
+	// A last statement with arguments rides in the same pipeline; its row
+	// count comes back (a swap's catalog record: one row when it moved).
+	for _, tc := range []struct {
+		arg  []byte
+		rows int
+	}{{[]byte("yes"), 1}, {[]byte("no"), 0}, {nil, 0}} {
+		var rows int
+		err := pgx.BeginFunc(ctx, db.Pool, func(tx pgx.Tx) error {
+			var err error
+			rows, err = pgsql.ExecPipelinedThen(ctx, tx, []string{"CREATE TABLE fifth (id int)"},
+				&pgsql.Statement{SQL: `SELECT count(*) FROM fifth WHERE $1 = 'yes'`, Args: [][]byte{tc.arg}})
+			if err != nil {
+				return err
+			}
+			_, err = tx.Exec(ctx, "DROP TABLE fifth")
+			return err
+		})
+		if err != nil || rows != 1 {
+			t.Fatalf("an aggregate after the DDL with argument %q: %d rows, %v; want 1 row", tc.arg, rows, err)
+		}
+		err = pgx.BeginFunc(ctx, db.Pool, func(tx pgx.Tx) error {
+			var err error
+			rows, err = pgsql.ExecPipelinedThen(ctx, tx, nil, &pgsql.Statement{SQL: `SELECT 1 WHERE $1 = 'yes'`, Args: [][]byte{tc.arg}})
+			return err
+		})
+		if err != nil || rows != tc.rows {
+			t.Fatalf("argument %q: %d rows, %v; want %d rows", tc.arg, rows, err, tc.rows)
+		}
+	}
+
 	// The pool's connection is usable again.
 	if got := scalar[int](db, `SELECT 1`); got != 1 {
 		t.Fatal("the pool does not answer after a failed pipeline")

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/jackc/pgx/v5"
@@ -207,46 +208,66 @@ func (s *Store) SetPhase(ctx context.Context, q pgsql.Querier, id string, from [
 	return s.setPhase(ctx, q, id, from, to, errMsg, nil)
 }
 
-// SetPhaseAndState is SetPhase that also writes the migration's working
-// state, in the same statement.
-func (s *Store) SetPhaseAndState(ctx context.Context, q pgsql.Querier, id string, from []Phase, to Phase, st State) error {
-	b, err := json.Marshal(st)
-	if err != nil {
-		return err
-	}
-	return s.setPhase(ctx, q, id, from, to, "", b)
-}
-
 func (s *Store) setPhase(ctx context.Context, q pgsql.Querier, id string, from []Phase, to Phase, errMsg string, state []byte) error {
-	fromS := make([]string, len(from))
-	for i, p := range from {
-		fromS[i] = string(p)
-	}
-	// One statement (phase, audit event, notification): swaps call this
-	// under a lock the application waits on, where every round trip counts.
 	var prev string
-	err := q.QueryRow(ctx, `WITH changed AS (
-			UPDATE `+s.Cat.T("migrations")+` m SET phase = $2, error = nullif($3, ''), state = coalesce($6, state), updated_at = now(), phase_changed_at = now(),
-				cut_over_at = CASE WHEN $2 = 'cut_over' AND m.phase = 'cutting_over' THEN now() ELSE cut_over_at END
-			WHERE id = $1 AND phase = ANY($4)
-			RETURNING (SELECT phase FROM `+s.Cat.T("migrations")+` WHERE id = $1) AS prev
-		), event AS (
-			INSERT INTO `+s.Cat.T("events")+` (migration_id, kind, message, data)
-			SELECT $1, 'phase', prev || ' → ' || $2 || coalesce(': ' || nullif($3, ''), ''), jsonb_build_object('from', prev, 'to', $2::text)
-			  FROM changed
-		)
-		SELECT prev, pg_notify($5, $1) FROM changed`, id, string(to), errMsg, fromS, NotifyChannel, state).Scan(&prev, nil)
+	err := q.QueryRow(ctx, s.phaseChangeSQL(), id, string(to), errMsg, joinPhases(from), NotifyChannel, state).Scan(&prev, nil)
 	if errors.Is(err, pgx.ErrNoRows) {
-		cur, gerr := s.Get(ctx, q, id)
-		if gerr != nil {
-			return gerr
-		}
-		return fmt.Errorf("migration %s is %s, not %v: %w", id, cur.Phase, from, ErrWrongPhase)
+		return s.WrongPhase(ctx, q, id, from)
 	}
 	if err != nil {
 		return fmt.Errorf("migration %s: set phase %s: %w", id, to, err)
 	}
 	return nil
+}
+
+// PhaseAndStateStatement is SetPhase that also writes the migration's
+// working state, as a statement for a swap's pipeline
+// (pgsql.ExecPipelinedThen): it returns one row when the phase moved, none
+// when the migration was not in from (see WrongPhase).
+func (s *Store) PhaseAndStateStatement(id string, from []Phase, to Phase, st State) (*pgsql.Statement, error) {
+	b, err := json.Marshal(st)
+	if err != nil {
+		return nil, err
+	}
+	return &pgsql.Statement{SQL: s.phaseChangeSQL(), Args: [][]byte{
+		[]byte(id), []byte(to), []byte(""), []byte(joinPhases(from)), []byte(NotifyChannel), b}}, nil
+}
+
+// WrongPhase is the error of a phase change that found the migration
+// elsewhere than in from.
+func (s *Store) WrongPhase(ctx context.Context, q pgsql.Querier, id string, from []Phase) error {
+	cur, err := s.Get(ctx, q, id)
+	if err != nil {
+		return err
+	}
+	return fmt.Errorf("migration %s is %s, not %v: %w", id, cur.Phase, from, ErrWrongPhase)
+}
+
+func joinPhases(ps []Phase) string {
+	s := make([]string, len(ps))
+	for i, p := range ps {
+		s[i] = string(p)
+	}
+	return strings.Join(s, ",")
+}
+
+// phaseChangeSQL moves a migration's phase, writes its state ($6, unless
+// NULL), records the event and notifies, in one statement: swaps run it
+// under a lock the application waits on, where every round trip counts.
+// Its arguments: id, to, error message, the from phases joined by commas,
+// the notification channel, the state.
+func (s *Store) phaseChangeSQL() string {
+	return `WITH changed AS (
+			UPDATE ` + s.Cat.T("migrations") + ` m SET phase = $2, error = nullif($3, ''), state = coalesce($6::jsonb, state), updated_at = now(), phase_changed_at = now(),
+				cut_over_at = CASE WHEN $2 = 'cut_over' AND m.phase = 'cutting_over' THEN now() ELSE cut_over_at END
+			WHERE id = $1 AND phase = ANY(string_to_array($4, ','))
+			RETURNING (SELECT phase FROM ` + s.Cat.T("migrations") + ` WHERE id = $1) AS prev
+		), event AS (
+			INSERT INTO ` + s.Cat.T("events") + ` (migration_id, kind, message, data)
+			SELECT $1, 'phase', prev || ' → ' || $2 || coalesce(': ' || nullif($3, ''), ''), jsonb_build_object('from', prev, 'to', $2::text)
+			  FROM changed
+		)
+		SELECT prev, pg_notify($5, $1) FROM changed`
 }
 
 // SaveState writes the migration's working state.

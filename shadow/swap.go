@@ -266,10 +266,7 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		for _, fk := range p.Blue.InboundFKs {
 			stmts = append(stmts, repointFK(fk, green)...)
 		}
-		if err := sync.Exec(ctx, tx, stmts); err != nil {
-			return err
-		}
-		return r.recordServing(ctx, tx, m, CuttingOver, CutOver, "green")
+		return r.swapAndRecord(ctx, tx, m, stmts, CuttingOver, CutOver, "green")
 	}, swapOpts)
 	m2, err := r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs, swapDrain{drainRounds, caughtUpUnderLock})
 	if logical && err == nil {
@@ -290,15 +287,27 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 	return m2, err
 }
 
-// recordServing writes the swap's new phase and serving side inside the swap
-// transaction, so the catalog and what the database serves always agree.
-func (r *Runner) recordServing(ctx context.Context, tx pgx.Tx, m *Migration, from, to Phase, serving string) error {
+// swapAndRecord runs a swap's statements and writes its new phase and
+// serving side, in the swap transaction (so the catalog and what the
+// database serves always agree) and in one round trip with them.
+func (r *Runner) swapAndRecord(ctx context.Context, tx pgx.Tx, m *Migration, stmts []string, from, to Phase, serving string) error {
 	st := m.State
 	st.Serving = serving
 	if to == CutOver {
 		st.LogicalDone = true // every later sync is by triggers
 	}
-	return r.Store.SetPhaseAndState(ctx, tx, m.ID, []Phase{from}, to, st)
+	record, err := r.Store.PhaseAndStateStatement(m.ID, []Phase{from}, to, st)
+	if err != nil {
+		return err
+	}
+	moved, err := pgsql.ExecPipelinedThen(ctx, tx, stmts, record)
+	if err != nil {
+		return err
+	}
+	if moved == 0 {
+		return r.Store.WrongPhase(ctx, tx, m.ID, []Phase{from})
+	}
+	return nil
 }
 
 // swapDrain is what a logical cutover did to catch green up (see drainForSwap).
@@ -420,10 +429,7 @@ func (r *Runner) Rollback(ctx context.Context, id string, opts CutoverOptions) (
 		for _, fk := range p.Blue.InboundFKs {
 			stmts = append(stmts, repointFK(fk, m.Table)...)
 		}
-		if err := sync.Exec(ctx, tx, stmts); err != nil {
-			return err
-		}
-		return r.recordServing(ctx, tx, m, RollingBack, RolledBack, "blue")
+		return r.swapAndRecord(ctx, tx, m, stmts, RollingBack, RolledBack, "blue")
 	}, opts.asyncSwapOptions(r, id))
 	return r.finishSwap(ctx, m, "rollback", CutOver, RolledBack, "blue", res, err, p.Blue.InboundFKs, swapDrain{})
 }
