@@ -125,7 +125,7 @@ func (p *txPoolProxy) serve(client net.Conn) error {
 		}
 		// The first session's greeting (parameters, its process ID) is
 		// the client's; the second's is dropped.
-		if err := p.relayUntilReady(s, client, i == 0, nil); err != nil {
+		if err := p.relayUntilReady(s, client, i == 0, nil, nil); err != nil {
 			return err
 		}
 	}
@@ -219,11 +219,7 @@ func (p *txPoolProxy) prepareOn(s *serverSession, parses map[string]pgproto3.Par
 // relayUntilReady copies the session's messages to the client (when
 // forward is set) up to and including ReadyForQuery, dropping the
 // ParseComplete of each Parse the proxy injected.
-func (p *txPoolProxy) relayUntilReady(s *serverSession, client net.Conn, forward bool, onReady func(*pgproto3.ReadyForQuery), injected ...*[]bool) error {
-	var pending *[]bool
-	if len(injected) > 0 {
-		pending = injected[0]
-	}
+func (p *txPoolProxy) relayUntilReady(s *serverSession, client net.Conn, forward bool, onReady func(*pgproto3.ReadyForQuery), pending *[]bool) error {
 	for {
 		msg, err := s.fe.Receive()
 		if err != nil {
