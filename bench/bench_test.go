@@ -159,3 +159,32 @@ func TestCLIReasons(t *testing.T) {
 		t.Errorf("reason %q", r.reason())
 	}
 }
+
+// The cutover figures are the medians of the samples, each with the
+// maximum latency of its own workload; one unreadable sample leaves the
+// first swap's figures, and says so.
+func TestSwapMedians(t *testing.T) {
+	b := &bench{}
+	sample := func(lat, hold, wait float64) swapSample {
+		return swapSample{maxLat: some(lat), hold: hold, wait: wait, holdKnown: true}
+	}
+	m := &modeResult{CutoverMaxLatencyMs: some(99), LockHoldMs: some(99), LockWaitMs: some(99)}
+	r := newResults(1000)
+	b.swapMedians(m, []swapSample{sample(40, 30, 2), sample(60, 10, 5), sample(50, 20, 1)}, "logical", "the load run's, then one after each idle run", r)
+	if m.CutoverMaxLatencyMs.val() != 50 || m.LockHoldMs.val() != 20 || m.LockWaitMs.val() != 2 {
+		t.Errorf("medians: latency %v, hold %v, wait %v; want 50, 20, 2", m.CutoverMaxLatencyMs.val(), m.LockHoldMs.val(), m.LockWaitMs.val())
+	}
+	if len(r.Notes) != 1 || !strings.Contains(r.Notes[0], "3 cutovers, the load run's, then one after each idle run") {
+		t.Errorf("notes: %q", r.Notes)
+	}
+
+	m = &modeResult{CutoverMaxLatencyMs: some(99), LockHoldMs: some(98), LockWaitMs: some(97)}
+	r = newResults(1000)
+	b.swapMedians(m, []swapSample{sample(40, 30, 2), {maxLat: none("log not covered"), holdKnown: true}}, "logical", "", r)
+	if m.CutoverMaxLatencyMs.val() != 99 || m.LockHoldMs.val() != 98 || m.LockWaitMs.val() != 97 {
+		t.Errorf("with an unreadable sample the first swap's figures stay; got %v, %v, %v", m.CutoverMaxLatencyMs.val(), m.LockHoldMs.val(), m.LockWaitMs.val())
+	}
+	if len(r.Notes) != 1 || !strings.Contains(r.Notes[0], "one swap only") {
+		t.Errorf("notes: %q", r.Notes)
+	}
+}

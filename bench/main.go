@@ -54,8 +54,10 @@ type config struct {
 	// run makes (each after a rollback); the cutover figures are their
 	// medians. One swap's hold and the workload's worst transaction around
 	// it scattered by 2–5× between runs of the same code, too much to say
-	// whether the swap grows with the table. Logical sync makes one: only
-	// the first cutover drains the stream (later ones are trigger swaps).
+	// whether the swap grows with the table. Logical sync swaps from the
+	// stream only once per migration (later swaps are trigger swaps), so
+	// its samples are the load run's cutover and one after each of the
+	// first Swaps-1 idle runs (at most IdleReps of them).
 	Swaps int
 	// StartArgs (BENCH_START_ARGS, split on spaces) are added to every
 	// `shadowctl start`, e.g. "--load-share 0.5": for comparing settings.

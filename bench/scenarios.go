@@ -263,8 +263,13 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		return append(args, b.cfg.StartArgs...)
 	}
 
+	hasCutover, why := b.hasCommand(ctx, "cutover")
 	// Idle: time to ready, then abort; IdleReps times, the median is the
-	// figure.
+	// figure. Logical sync swaps from the stream once per migration, so the
+	// first Swaps-1 idle runs also give a cutover each (cutoverAfterIdle):
+	// with the load run's, their medians are the cutover figures.
+	var idleCuts []swapSample
+	sampleIdle := mode == "logical" && hasCutover && !b.cfg.Only["idle"]
 	var idleRuns []float64
 	var idleMachine []string
 	var idleStatus map[string]any
@@ -301,8 +306,23 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			r.note("%s idle run: %s", mode, idleWhy)
 		}
 		logf("%s: ready after %.2fs idle", mode, sr.dur.Seconds())
-		if ar := b.shadowctl(ctx, idleID+"-abort", "abort", idleID); !ar.ok() {
-			r.note("%s idle run: %s", mode, ar.reason())
+		swapped := false
+		if sampleIdle && len(idleCuts) < b.cfg.Swaps-1 {
+			c, rss, err := b.cutoverAfterIdle(ctx, r, mode, idleID)
+			if err != nil {
+				return err
+			}
+			rssKB = max(rssKB, rss)
+			if swapped = c.holdKnown; swapped {
+				idleCuts = append(idleCuts, c)
+			}
+		}
+		// After a cutover the migration cannot be aborted; the clean below
+		// drops the database (and the slot) anyway.
+		if !swapped {
+			if ar := b.shadowctl(ctx, idleID+"-abort", "abort", idleID); !ar.ok() {
+				r.note("%s idle run: %s", mode, ar.reason())
+			}
 		}
 		if err := b.clean(ctx); err != nil {
 			return err
@@ -362,18 +382,10 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	}
 	m.CopyLoadS = some(t1.Sub(t0).Seconds())
 	// Logical sync: green stays current at ready only while a process
-	// applies the stream; `follow` does, as the daemon would, through the
-	// sync-only window and the cutover (which it survives: it stops once
-	// the cutover has replaced the stream).
-	follow := func(name string) (stop func() int64) {
-		fctx, cancel := context.WithCancel(ctx)
-		done := make(chan cliResult, 1)
-		go func() { done <- b.shadowctl(fctx, name, "follow", loadID) }()
-		return sync.OnceValue(func() int64 { cancel(); return (<-done).maxRSSKB })
-	}
+	// applies the stream (b.follow).
 	stopFollow := func() int64 { return 0 }
 	if mode == "logical" {
-		stopFollow = follow(loadID + "-follow")
+		stopFollow = b.follow(ctx, loadID, loadID+"-follow")
 	}
 	defer stopFollow()
 	logf("%s: ready after %.2fs under load; sync-only window %s", mode, t1.Sub(t0).Seconds(), b.cfg.SyncWin)
@@ -414,14 +426,13 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		// follower running and caught up. (Without one, the cutover applies
 		// the backlog itself, and in the runs that measured it the swap
 		// held its lock for 430–600 ms instead of 20–30 ms.)
-		stopFollow = follow(loadID + "-follow-again")
+		stopFollow = b.follow(ctx, loadID, loadID+"-follow-again")
 		defer stopFollow()
 		if err := b.waitCaughtUp(ctx, loadID, time.Minute); err != nil {
 			r.note("%s run: %v", mode, err)
 		}
 	}
 	var cr cliResult
-	hasCutover, why := b.hasCommand(ctx, "cutover")
 	swaps := 1
 	if mode == "trigger" {
 		swaps = b.cfg.Swaps
@@ -443,21 +454,14 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 				return err
 			}
 		}
-		c := swapSample{from: time.Now()}
-		cr = b.shadowctlWithin(ctx, 2*time.Minute, label, "cutover", loadID, "--lock-timeout", "100ms")
-		c.to = time.Now()
+		var c swapSample
+		c, cr = b.cutover(ctx, loadID, label)
 		rssKB = max(rssKB, cr.maxRSSKB)
 		if !cr.ok() {
 			break
 		}
-		if st, _ := b.status(ctx, loadID); st != nil {
-			c.wait, _ = num(st, "last_cutover", "lock_wait_ms")
-			c.hold, c.holdKnown = num(st, "last_cutover", "lock_hold_ms")
-			c.commit, _ = num(st, "last_cutover", "commit_ms")
-			c.catchUp, _ = num(st, "last_cutover", "catch_up_under_lock_ms")
-			if c.holdKnown {
-				r.note("%s run, cutover %d: %s", mode, len(cuts)+1, c)
-			}
+		if c.holdKnown {
+			r.note("%s run, cutover %d: %s", mode, len(cuts)+1, c)
 		}
 		cuts = append(cuts, c)
 	}
@@ -542,6 +546,9 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		tEnd = tf1
 	}
 	errs := l.errorsBetween(t0, tEnd)
+	for _, c := range idleCuts {
+		errs += c.errors
+	}
 	m.Errors = some(float64(errs))
 	if errs > 0 {
 		r.note("%s run: %d workload errors: %s", mode, errs, strings.Join(l.errors, "; "))
@@ -555,8 +562,15 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		r.note("%s load run: %s", mode, loadWhy)
 	}
 	b.finishMode(m, rssKB, loadStatus, idleStatus, loadWhy, hasCutover && cr.ok())
-	if hasCutover && cr.ok() && len(cuts) > 1 {
-		b.swapMedians(m, l, cuts, mode, r)
+	if hasCutover && cr.ok() && len(cuts)+len(idleCuts) > 1 {
+		for i := range cuts {
+			cuts[i].maxLat = l.maxLatency(cuts[i].from, cuts[i].to)
+		}
+		how := "each after a rollback but the first"
+		if mode == "logical" {
+			how = "the load run's, then one after each of the first idle runs (the workload started at ready)"
+		}
+		b.swapMedians(m, append(cuts, idleCuts...), mode, how, r)
 	}
 	if !finalized {
 		if ar := b.shadowctl(ctx, loadID+"-abort", "abort", loadID); !ar.ok() {
@@ -566,8 +580,8 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	return b.clean(ctx)
 }
 
-// swapSample is one cutover of a load run: the command's window, and the
-// lock wait and hold its status reported.
+// swapSample is one cutover: the command's window, and the lock wait and
+// hold its status reported.
 type swapSample struct {
 	from, to   time.Time
 	wait, hold float64
@@ -575,6 +589,88 @@ type swapSample struct {
 	// Parts of the hold, from status: the commit, and (logical sync) the
 	// catch-up under the lock.
 	commit, catchUp float64
+	// maxLat is the workload's longest transaction over the window, cut
+	// from the log of the workload that ran around it; errors (a cutover
+	// after an idle run) are its workload's failed transactions.
+	maxLat M
+	errors int
+}
+
+// cutover runs `shadowctl cutover` for one migration and reads the swap's
+// figures from its status.
+func (b *bench) cutover(ctx context.Context, id, label string) (swapSample, cliResult) {
+	c := swapSample{from: time.Now()}
+	cr := b.shadowctlWithin(ctx, 2*time.Minute, label, "cutover", id, "--lock-timeout", "100ms")
+	c.to = time.Now()
+	if !cr.ok() {
+		return c, cr
+	}
+	if st, _ := b.status(ctx, id); st != nil {
+		c.wait, _ = num(st, "last_cutover", "lock_wait_ms")
+		c.hold, c.holdKnown = num(st, "last_cutover", "lock_hold_ms")
+		c.commit, _ = num(st, "last_cutover", "commit_ms")
+		c.catchUp, _ = num(st, "last_cutover", "catch_up_under_lock_ms")
+	}
+	return c, cr
+}
+
+// follow runs `shadowctl follow` for a logical migration, as the daemon
+// would: it applies the stream until stopped, and survives the cutover (it
+// stops once the cutover has replaced the stream). stop returns its peak RSS.
+func (b *bench) follow(ctx context.Context, id, label string) (stop func() int64) {
+	fctx, cancel := context.WithCancel(ctx)
+	done := make(chan cliResult, 1)
+	go func() { done <- b.shadowctl(fctx, label, "follow", id) }()
+	return sync.OnceValue(func() int64 { cancel(); return (<-done).maxRSSKB })
+}
+
+// cutoverAfterIdle is one more logical cutover sample, made on a migration
+// an idle run has just brought to ready: the workload starts, a follower
+// applies the stream through a sync-only window and catches up, then the
+// cutover, as in the load run. Only the first cutover of a logical migration
+// drains the stream, so a median of several needs a migration each, and the
+// idle runs' copies are already there. A sample that fails is noted and left
+// out; only an interrupted run or a harness failure is an error.
+func (b *bench) cutoverAfterIdle(ctx context.Context, r *results, mode, id string) (swapSample, int64, error) {
+	w, err := b.startWorkload(ctx, "shadowctl-"+id)
+	if err != nil {
+		return swapSample{}, 0, err
+	}
+	defer w.kill()
+	stopFollow := b.follow(ctx, id, id+"-follow")
+	defer stopFollow()
+	t0 := time.Now()
+	what := mode + " idle run " + id + ", cutover sample"
+	if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, what); err != nil {
+		return swapSample{}, 0, err
+	}
+	if err := b.waitCaughtUp(ctx, id, time.Minute); err != nil {
+		r.note("%s: %v", what, err)
+	}
+	c, cr := b.cutover(ctx, id, id+"-cutover")
+	rssKB := max(cr.maxRSSKB, stopFollow())
+	if err := w.holdOrNote(ctx, b.cfg.After, r, what); err != nil {
+		return swapSample{}, rssKB, err
+	}
+	l, err := w.stop()
+	if err != nil {
+		return swapSample{}, rssKB, err
+	}
+	c.errors = l.errorsBetween(t0, c.to)
+	switch {
+	case !cr.ok():
+		r.note("%s: %s", what, cr.reason())
+		c.holdKnown = false
+	case !c.holdKnown:
+		r.note("%s: status has no last_cutover.lock_hold_ms", what)
+	default:
+		c.maxLat = l.maxLatency(c.from, c.to)
+		r.note("%s: %s; workload max latency %s ms", what, c, fmtM(c.maxLat, "ms"))
+	}
+	if c.errors > 0 {
+		r.note("%s: %d workload errors: %s", what, c.errors, strings.Join(l.errors, "; "))
+	}
+	return c, rssKB, nil
 }
 
 // String breaks the hold down for the notes.
@@ -584,20 +680,20 @@ func (c swapSample) String() string {
 }
 
 // swapMedians makes the cutover figures the medians of several cutovers (see
-// config.Swaps), and lists every one in the notes.
-func (b *bench) swapMedians(m *modeResult, l *txlog, cuts []swapSample, mode string, r *results) {
+// config.Swaps), and lists every one in the notes; how says where they came
+// from.
+func (b *bench) swapMedians(m *modeResult, cuts []swapSample, mode, how string, r *results) {
 	var lats, waits, holds []float64
 	for _, c := range cuts {
-		lat := l.maxLatency(c.from, c.to)
-		if !lat.known() || !c.holdKnown {
+		if !c.maxLat.known() || !c.holdKnown {
 			r.note("%s run: cutover figures of one swap only (a swap's window or status was not readable)", mode)
 			return
 		}
-		lats, waits, holds = append(lats, lat.val()), append(waits, c.wait), append(holds, c.hold)
+		lats, waits, holds = append(lats, c.maxLat.val()), append(waits, c.wait), append(holds, c.hold)
 	}
 	m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = some(median(lats)), some(median(waits)), some(median(holds))
-	r.note("%s run: %d cutovers, each after a rollback but the first; the medians are the figures: workload max latency %s ms, lock hold %s ms, lock wait %s ms",
-		mode, len(cuts), secondsList(lats), secondsList(holds), secondsList(waits))
+	r.note("%s run: %d cutovers, %s; the medians are the figures: workload max latency %s ms, lock hold %s ms, lock wait %s ms",
+		mode, len(cuts), how, secondsList(lats), secondsList(holds), secondsList(waits))
 }
 
 // median of a non-empty list (the upper of the two middle values of an even
