@@ -36,7 +36,7 @@ bench: build postgres
 	$(GO) run ./bench
 
 bench-quick: build postgres
-	BENCH_ROWS=200000 BENCH_SECONDS=14 $(GO) run ./bench
+	BENCH_ROWS=200000 BENCH_SECONDS=10 $(GO) run ./bench
 
 soak: deps postgres
 	$(GO) test -tags soak -race -count=1 -timeout 90m -run Soak ./integration/...
