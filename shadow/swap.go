@@ -27,6 +27,10 @@ type CutoverOptions struct {
 	OnAttempt           func(cutover.Attempt)
 	// BeforeCommit is a test failpoint just before the swap's COMMIT.
 	BeforeCommit func(ctx context.Context, tx pgx.Tx) error
+	// AfterCommit is a test failpoint right after a cutover's swap has
+	// committed, before anything else: in logical sync the follower still
+	// reads the stream and the slot is still there.
+	AfterCommit func(ctx context.Context)
 	// MaxCutoverStall bounds, in logical mode, how long writes to blue wait
 	// while the stream drains; past it the attempt is released and retried.
 	MaxCutoverStall time.Duration
@@ -268,6 +272,9 @@ func (r *Runner) Cutover(ctx context.Context, id string, opts CutoverOptions) (*
 		}
 		return r.swapAndRecord(ctx, tx, m, stmts, CuttingOver, CutOver, "green")
 	}, swapOpts)
+	if err == nil && opts.AfterCommit != nil {
+		opts.AfterCommit(ctx)
+	}
 	m2, err := r.finishSwap(ctx, m, "cutover", prev, CutOver, "green", res, err, p.Blue.InboundFKs, swapDrain{drainRounds, caughtUpUnderLock})
 	if logical && err == nil {
 		stopFollower()
