@@ -659,11 +659,14 @@ func (b *bench) cutoverAfterIdle(ctx context.Context, r *results, mode, id strin
 	if err := w.holdOrNote(ctx, b.cfg.After, r, what); err != nil {
 		return swapSample{}, rssKB, err
 	}
+	// Errors through the window after the swap too, as in the load run:
+	// that is when the application first meets the view.
+	tEnd := time.Now()
 	l, err := w.stop()
 	if err != nil {
 		return swapSample{}, rssKB, err
 	}
-	c.errors = l.errorsBetween(t0, c.to)
+	c.errors = l.errorsBetween(t0, tEnd)
 	switch {
 	case !cr.ok():
 		r.note("%s: %s", what, cr.reason())
