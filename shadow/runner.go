@@ -878,11 +878,15 @@ func (r *Runner) compare(ctx context.Context, m *Migration) error {
 			if err := r.catchUp(ctx, r.Pool, m, 0, time.Minute, false); err != nil {
 				return err
 			}
+			// Smaller chunks while the application writes: with an
+			// asynchronous sync a chunk written to while compared is
+			// compared again, so hot chunks should be small. On an idle
+			// database the default chunks compare the table in a quarter
+			// of the statements (2,000,000 rows: 4.45 s against 5.13,
+			// medians of six idle runs each, alternated).
+			v.ChunkRows = 5000
 		}
 		v.CatchUp = func(ctx context.Context) error { return r.catchUp(ctx, r.Pool, m, 0, time.Minute, false) }
-		// Smaller chunks: with an asynchronous sync a chunk that is written
-		// to while compared is compared again, so hot chunks should be small.
-		v.ChunkRows = 5000
 	}
 	res, err := v.Run(ctx)
 	if err == nil && m.logical() {
