@@ -73,15 +73,8 @@ func TestCopyBatchBoundsIntegerKey(t *testing.T) {
 		db.exec(`CREATE TABLE gappy (id int PRIMARY KEY, v int)`,
 			`INSERT INTO gappy SELECT g, g FROM generate_series(1, 12000) g WHERE g % 7 <> 0 AND g % 11 <> 3`)
 		get := recordBatches(db)
-		ctx := context.Background()
 		const size = 37
-		m, err := db.Runner.Submit(ctx, shadow.Request{Table: "gappy", Alter: "ALTER COLUMN v TYPE bigint", Sync: mode, BatchSize: size, Workers: 2})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := db.Runner.Drive(ctx, m.ID, shadow.Verifying); err != nil {
-			t.Fatal(err)
-		}
+		db.ready(shadow.Request{Table: "gappy", Alter: "ALTER COLUMN v TYPE bigint", Sync: mode, BatchSize: size, Workers: 2})
 		byRange := get()
 		if len(byRange) < 2 {
 			t.Fatalf("%d ranges, want at least 2 (the test covers ranges with an upper bound)", len(byRange))
@@ -97,9 +90,6 @@ func TestCopyBatchBoundsIntegerKey(t *testing.T) {
 			return keyList(t, db, `SELECT ARRAY[id::text] FROM gappy WHERE `+strings.Join(conds, " AND ")+` ORDER BY id`)
 		})
 		db.assertGreenMatches(`SELECT id, v::bigint FROM public.gappy`, `SELECT id, v FROM green.gappy`)
-		if err := db.Runner.Abort(ctx, m.ID, "test"); err != nil {
-			t.Fatal(err)
-		}
 	})
 }
 
@@ -111,22 +101,12 @@ func TestCopyBatchBoundsCompositeKey(t *testing.T) {
 		db.exec(`CREATE TABLE pairs (region text, no int, v text, PRIMARY KEY (region, no))`,
 			`INSERT INTO pairs SELECT 'r' || (g % 7), g, 'v' || g FROM generate_series(1, 1000) g`)
 		get := recordBatches(db)
-		ctx := context.Background()
 		const size = 45
-		m, err := db.Runner.Submit(ctx, shadow.Request{Table: "pairs", Alter: "ALTER COLUMN v TYPE varchar(20)", Sync: mode, BatchSize: size, Workers: 2})
-		if err != nil {
-			t.Fatal(err)
-		}
-		if _, err := db.Runner.Drive(ctx, m.ID, shadow.Verifying); err != nil {
-			t.Fatal(err)
-		}
+		db.ready(shadow.Request{Table: "pairs", Alter: "ALTER COLUMN v TYPE varchar(20)", Sync: mode, BatchSize: size, Workers: 2})
 		assertBatchBounds(t, db, size, get(), func(r backfill.Range) [][]string {
 			return keyList(t, db, `SELECT ARRAY[region, no::text] FROM pairs ORDER BY region, no`)
 		})
 		db.assertGreenMatches(`SELECT region, no, v::varchar(20) FROM public.pairs`, `SELECT region, no, v FROM green.pairs`)
-		if err := db.Runner.Abort(ctx, m.ID, "test"); err != nil {
-			t.Fatal(err)
-		}
 	})
 }
 
@@ -137,14 +117,7 @@ func TestCopyBatchBoundsExactMultiple(t *testing.T) {
 	db.exec(`CREATE TABLE even (id int PRIMARY KEY, v int)`,
 		`INSERT INTO even SELECT g, g FROM generate_series(1, 120) g`)
 	get := recordBatches(db)
-	ctx := context.Background()
-	m, err := db.Runner.Submit(ctx, shadow.Request{Table: "even", Alter: "ALTER COLUMN v TYPE bigint", BatchSize: 40, Workers: 1})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if _, err := db.Runner.Drive(ctx, m.ID, shadow.Verifying); err != nil {
-		t.Fatal(err)
-	}
+	db.ready(shadow.Request{Table: "even", Alter: "ALTER COLUMN v TYPE bigint", BatchSize: 40, Workers: 1})
 	byRange := get()
 	var got []string
 	for _, batches := range byRange {
