@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"math"
 	"os"
 	"path/filepath"
 	"sort"
@@ -186,5 +187,23 @@ func TestSwapMedians(t *testing.T) {
 	}
 	if len(r.Notes) != 1 || !strings.Contains(r.Notes[0], "one swap only") {
 		t.Errorf("notes: %q", r.Notes)
+	}
+}
+
+// The median of an even number of runs is the mean of the middle two: the
+// scale runs measure two, and the upper one made each figure their maximum.
+func TestMedianOfEvenCountIsTheMiddleMean(t *testing.T) {
+	for _, c := range []struct {
+		in   []float64
+		want float64
+	}{
+		{[]float64{50.13, 45.75}, 47.94},
+		{[]float64{3, 1, 2}, 2},
+		{[]float64{4, 1, 3, 2}, 2.5},
+		{[]float64{7}, 7},
+	} {
+		if got := median(c.in); math.Abs(got-c.want) > 1e-9 {
+			t.Errorf("median(%v) = %v, want %v", c.in, got, c.want)
+		}
 	}
 }

@@ -139,7 +139,13 @@ func (b *bench) rawCopy(ctx context.Context, r *results) error {
 		logf("raw copy: %d rows in %.2fs (insert %.2fs, indexes %.2fs)", tag.RowsAffected(), t2.Sub(t0).Seconds(), t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds())
 	}
 	sort.Slice(runs, func(i, j int) bool { return runs[i].insert+runs[i].index < runs[j].insert+runs[j].index })
+	// The median run; of an even number, the mean of the middle two, as
+	// median does (the 8M scale runs measure two).
 	med := runs[len(runs)/2]
+	if len(runs)%2 == 0 {
+		lo := runs[len(runs)/2-1]
+		med = rawRun{med.rows, (lo.insert + med.insert) / 2, (lo.index + med.index) / 2}
+	}
 	if len(runs) > 1 {
 		all := make([]float64, len(runs))
 		for i, run := range runs {
@@ -708,9 +714,14 @@ func (b *bench) swapMedians(m *modeResult, cuts []swapSample, mode, how string, 
 
 // median of a non-empty list (the upper of the two middle values of an even
 // count: the figure never flatters).
+// median is the middle value; of an even number of values, the mean of the
+// middle two (taking the upper one made every two-run figure its maximum).
 func median(v []float64) float64 {
 	s := slices.Clone(v)
 	slices.Sort(s)
+	if len(s)%2 == 0 {
+		return (s[len(s)/2-1] + s[len(s)/2]) / 2
+	}
 	return s[len(s)/2]
 }
 
