@@ -531,8 +531,8 @@ func (c *Copier) batchSQL(r Range, withLower bool, form batchForm) string {
 SELECT (SELECT count(*) FROM %[1]s), (SELECT count(*) FROM ins), (SELECT ARRAY[%[10]s] FROM %[1]s ORDER BY %[7]s LIMIT 1)`,
 		keysCTE, c.batchKeysCTE(r, withLower),
 		m.InsertSelect("ONLY "+m.Source.Quoted()), where(m.Alias), m.SourceKeyList(m.Alias),
-		strings.TrimSuffix(strings.TrimPrefix(keysQ, "("), ")"), strings.Join(desc, ", "), lock, conflict,
-		strings.Join(lastArr, ", "), strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList(m.Alias), "("), ")"))
+		bareList(keysQ), strings.Join(desc, ", "), lock, conflict,
+		strings.Join(lastArr, ", "), bareList(m.SourceKeyList(m.Alias)))
 }
 
 // rangeWhere renders a batch's bounds over the source row named alias:
@@ -580,7 +580,7 @@ func (c *Copier) rangeWhere(r Range, withLower bool, alias string) string {
 func (c *Copier) boundsSQL(r Range, withLower, guarded bool) string {
 	m := c.Mapping
 	n := len(m.SourceKey)
-	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
+	cols := bareList(m.SourceKeyList("b"))
 	desc := make([]string, n)
 	last := make([]string, n)
 	for i, k := range m.SourceKey {
@@ -619,7 +619,7 @@ const keysCTE = "batch_keys"
 // lower bound ($1..$n), read once (MATERIALIZED) by one index range scan.
 func (c *Copier) batchKeysCTE(r Range, withLower bool) string {
 	m := c.Mapping
-	cols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList("b"), "("), ")")
+	cols := bareList(m.SourceKeyList("b"))
 	return fmt.Sprintf("%s AS MATERIALIZED (\n  SELECT %s FROM ONLY %s AS b WHERE %s ORDER BY %s LIMIT $%d\n)",
 		keysCTE, cols, m.Source.Quoted(), c.rangeWhere(r, withLower, "b"), cols, len(m.SourceKey)+1)
 }
@@ -663,7 +663,7 @@ func (c *Copier) boundedInsertSQL(r Range, withLower bool, form batchForm) strin
 	key := m.SourceKeyList(m.Alias)
 	return fmt.Sprintf(`%s WHERE %s AND %s <= (%s) AND $%d::bigint > 0 ORDER BY %s%s`,
 		m.InsertSelect("ONLY "+m.Source.Quoted()), c.rangeWhere(r, withLower, m.Alias), key,
-		strings.Join(params, ", "), n+1, strings.TrimSuffix(strings.TrimPrefix(key, "("), ")"), conflict)
+		strings.Join(params, ", "), n+1, bareList(key), conflict)
 }
 
 func (c *Copier) guardLockTimeout() time.Duration {
@@ -715,7 +715,7 @@ func (c *Copier) explainBadRow(ctx context.Context, r Range, size int, batchErr 
 		return fmt.Errorf("%w: %s", ErrBadRow, pgsql.Describe(batchErr))
 	}
 	defer tx.Rollback(ctx)
-	keyCols := strings.TrimSuffix(strings.TrimPrefix(m.SourceKeyList(""), "("), ")")
+	keyCols := bareList(m.SourceKeyList(""))
 	rows, err := tx.Query(ctx, fmt.Sprintf(`SELECT ARRAY[%s] FROM (%s) s`, textArray(m.SourceKey),
 		fmt.Sprintf("SELECT %s FROM ONLY %s AS b WHERE ($1::text IS NULL OR %s > (%s)) ORDER BY %s LIMIT $%d",
 			keyCols, m.Source.Quoted(), m.SourceKeyList("b"), placeholders(m.SourceKeyTypes), keyCols, len(m.SourceKey)+1)),
@@ -786,4 +786,10 @@ func (l *rateLimiter) wait(ctx context.Context, rows int64) error {
 	l.next = l.next.Add(time.Duration(float64(rows) / float64(rate) * float64(time.Second)))
 	l.mu.Unlock()
 	return retry.Sleep(ctx, time.Until(at))
+}
+
+// bareList drops the parentheses around a column list, for ORDER BY and
+// SELECT lists.
+func bareList(list string) string {
+	return strings.TrimSuffix(strings.TrimPrefix(list, "("), ")")
 }

@@ -640,9 +640,9 @@ func (b *bench) follow(ctx context.Context, id, label string) (stop func() int64
 // an idle run has just brought to ready: the workload starts, a follower
 // applies the stream for cfg.After and catches up, then the cutover, as in
 // the load run. (Nothing is measured before the cutover: a longer lead-in
-// only lengthens the run, past 3 minutes in the quick mode.) Only the first cutover of a logical migration
-// drains the stream, so a median of several needs a migration each, and the
-// idle runs' copies are already there. A sample that fails is noted and left
+// only lengthens the run, past 3 minutes in the quick mode.) Only the first
+// cutover of a logical migration drains the stream, so a median of several
+// needs a migration each, and the idle runs' copies are already there. A sample that fails is noted and left
 // out; only an interrupted run or a harness failure is an error.
 func (b *bench) cutoverAfterIdle(ctx context.Context, r *results, mode, id string) (swapSample, int64, error) {
 	w, err := b.startWorkload(ctx, "shadowctl-"+id)
@@ -712,8 +712,6 @@ func (b *bench) swapMedians(m *modeResult, cuts []swapSample, mode, how string, 
 		mode, len(cuts), how, secondsList(lats), secondsList(holds), secondsList(waits))
 }
 
-// median of a non-empty list (the upper of the two middle values of an even
-// count: the figure never flatters).
 // median is the middle value; of an even number of values, the mean of the
 // middle two (taking the upper one made every two-run figure its maximum).
 func median(v []float64) float64 {
