@@ -207,3 +207,21 @@ func TestMedianOfEvenCountIsTheMiddleMean(t *testing.T) {
 		}
 	}
 }
+
+// A figure that a partial run (BENCH_ONLY) left out says so, in the table and
+// in the targets, instead of an empty reason.
+func TestSkippedFigureSaysWhy(t *testing.T) {
+	var skipped M
+	if got := fmtM(skipped, "s"); got != "not measured: not run (BENCH_ONLY)" {
+		t.Errorf("skipped figure: %q", got)
+	}
+	if got := fmtM(none("a | b"), "s"); got != `not measured: a \| b` {
+		t.Errorf("figure with a reason: %q", got)
+	}
+	b := &bench{cfg: config{Rows: 1000}}
+	for _, tg := range b.targets(newResults(1000)) {
+		if strings.HasSuffix(tg.result, ": ") {
+			t.Errorf("target %q: empty reason %q", tg.name, tg.result)
+		}
+	}
+}

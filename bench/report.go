@@ -297,12 +297,21 @@ func (b *bench) report(r *results) error {
 	return nil
 }
 
+// whyNot renders why a figure was not measured; a figure no scenario set
+// was left out of a partial run (BENCH_ONLY).
+func whyNot(m M) string {
+	if m.Why == "" {
+		return "not measured: not run (BENCH_ONLY)"
+	}
+	return "not measured: " + strings.ReplaceAll(m.Why, "|", "\\|")
+}
+
 func fmtM(m M, unit string) string {
 	if !m.known() {
 		if strings.HasPrefix(m.Why, "not applicable") {
 			return "n/a (" + strings.TrimPrefix(m.Why, "not applicable: ") + ")"
 		}
-		return "not measured: " + strings.ReplaceAll(m.Why, "|", "\\|")
+		return whyNot(m)
 	}
 	v := m.val()
 	var s string
@@ -394,7 +403,7 @@ func (b *bench) targets(r *results) []target {
 		t := target{name: name, measured: fmtM(m, unit)}
 		switch {
 		case !m.known():
-			t.measured, t.result = "—", "not measured: "+strings.ReplaceAll(m.Why, "|", "\\|")
+			t.measured, t.result = "—", whyNot(m)
 		case ok(m.val()):
 			t.result = "pass"
 		default:
