@@ -582,18 +582,27 @@ func (r *Runner) withMaintenanceConn(ctx context.Context, m *Migration, fn func(
 // buildGreenIndexes creates green's deferred indexes, then (trigger sync)
 // its foreign keys NOT VALID. Trigger sync builds them CONCURRENTLY (a plain
 // CREATE INDEX would block the sync, and through it the application), one
-// at a time (each takes a lock that conflicts with the next). Logical sync
-// builds them plainly, the key first and alone; the others go two at a time
-// while the application is quiet: a build's last phase runs on one core.
+// at a time (each takes a lock that conflicts with the next); while the
+// application is quiet it first tries plain builds that yield green to the
+// first session that waits for it (buildWhileQuiet). Logical sync builds
+// them plainly, the key first and alone; the others go two at a time while
+// the application is quiet: a build's last phase runs on one core.
 func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
 	p := m.State.Plan
 	green := p.Forward.Target
 	ixs := p.DeferredIndexes
-	lanes := 1
+	lanes, how := 1, buildConcurrently
+	if !m.logical() && len(ixs) > 0 && !r.pace(m)(ctx).Busy {
+		var err error
+		if ixs, err = r.buildWhileQuiet(ctx, m, ixs); err != nil {
+			return err
+		}
+	}
 	if m.logical() {
+		how = buildPlain
 		if len(ixs) > 0 && ixs[0].Name == p.Green.KeyIndex {
 			if err := r.withMaintenanceConn(ctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
-				return r.buildGreenIndex(ctx, m, conn, gentle, ixs[0])
+				return r.buildGreenIndex(ctx, m, conn, gentle, ixs[0], how)
 			}); err != nil {
 				return err
 			}
@@ -620,7 +629,7 @@ func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
 		g.Go(func() error {
 			return r.withMaintenanceConn(gctx, m, func(conn *pgxpool.Conn, gentle func() error) error {
 				for ix := range next {
-					if err := r.buildGreenIndex(gctx, m, conn, gentle, ix); err != nil {
+					if err := r.buildGreenIndex(gctx, m, conn, gentle, ix, how); err != nil {
 						return err
 					}
 				}
@@ -660,10 +669,10 @@ func (r *Runner) buildGreenIndexes(ctx context.Context, m *Migration) error {
 	return nil
 }
 
-// buildGreenIndex builds one of green's deferred indexes on conn, and the
-// constraint it backs. A restart finds a plain build done or not begun, and
-// drops what a killed concurrent one left.
-func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpool.Conn, gentle func() error, ix pgmeta.Index) error {
+// buildGreenIndex builds one of green's deferred indexes on conn, as how
+// says, and the constraint it backs. A restart finds a plain build done or
+// not begun, and drops what a killed concurrent one left.
+func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpool.Conn, gentle func() error, ix pgmeta.Index, how indexBuild) error {
 	p := m.State.Plan
 	green := p.Forward.Target
 	start := time.Now()
@@ -681,16 +690,23 @@ func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpoo
 			return fmt.Errorf("drop invalid index %s: %w", ix.Name, err)
 		}
 	}
-	stmt, err := rewriteIndexDef(ix.Def, p.Green, green, ix.Name, !m.logical())
+	stmt, err := rewriteIndexDef(ix.Def, p.Green, green, ix.Name, how == buildConcurrently)
 	if err != nil {
 		return err
 	}
-	if m.logical() {
-		// Only the apply writes green in logical sync, and it waits
-		// (verify starts it after the builds): a plain build reads the
-		// table once, where a concurrent one reads it twice and waits
-		// out every older transaction in between.
+	if how != buildConcurrently {
+		// Logical sync: only the apply writes green, and it waits (verify
+		// starts it after the builds). A plain build reads the table
+		// once, where a concurrent one reads it twice and waits out every
+		// older transaction in between.
 		stmt = strings.Replace(stmt, "INDEX ", "INDEX IF NOT EXISTS ", 1)
+	}
+	if how == buildPlainYielding {
+		// One statement string, one implicit transaction: the lock is
+		// held only while the server runs it, so a cancel always finds
+		// it running (a lock held between two round trips could not be
+		// cancelled).
+		stmt = pgsql.LocalLockTimeoutSQL(m.Request.LockTimeout) + "; LOCK TABLE ONLY " + green.Quoted() + " IN SHARE MODE; " + stmt
 	}
 	if _, err := conn.Exec(ctx, stmt); err != nil {
 		return fmt.Errorf("build index %s on green: %w", ix.Name, err)
@@ -709,7 +725,7 @@ func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpoo
 			return err
 		}
 	}
-	r.Log.Info().Str("migration", m.ID).Str("index", ix.Name).Dur("took", time.Since(start)).Msg("green index built")
+	r.Log.Info().Str("migration", m.ID).Str("index", ix.Name).Bool("concurrently", how == buildConcurrently).Dur("took", time.Since(start)).Msg("green index built")
 	return nil
 }
 
