@@ -79,3 +79,42 @@ func (b *bench) bareConsumer(ctx context.Context) (stop func() error, err error)
 		}
 	}
 }
+
+// plainTrigger swaps the body of trigger sync's forward function, for one
+// window, for the issue's "plain row trigger that upserts into green": no
+// SECURITY DEFINER, no fixed search_path, no wait for the copy's key
+// buckets, the bench's columns written as they are. It keeps green as
+// current as the real one does (the workload deletes nothing, and a delete
+// is applied too), so the cutover after it finds green exact. The issue
+// puts that trigger's cost at "about 16 %"; measured in the same run, it
+// is what trigger sync's sync_tps_ratio compares with. restore puts the
+// real definition back.
+func (b *bench) plainTrigger(ctx context.Context) (restore func() error, err error) {
+	var fn, def string
+	if err := b.pool.QueryRow(ctx, `SELECT t.tgfoid::regproc::text, pg_get_functiondef(t.tgfoid) FROM pg_trigger t
+		WHERE t.tgrelid = 'public.orders'::regclass AND NOT t.tgisinternal AND t.tgname LIKE 'shadowctl\_fwd\_%'`).Scan(&fn, &def); err != nil {
+		return nil, fmt.Errorf("plain trigger: find trigger sync's function on public.orders: %w", err)
+	}
+	plain := `CREATE OR REPLACE FUNCTION ` + fn + `() RETURNS trigger LANGUAGE plpgsql AS $plain$
+BEGIN
+  IF TG_OP = 'DELETE' THEN
+    DELETE FROM green.orders WHERE id = OLD.id;
+    RETURN NULL;
+  END IF;
+  INSERT INTO green.orders (id, customer_id, customer_name, amount, status, created_at)
+  VALUES (NEW.id, NEW.customer_id, NEW.customer_name, NEW.amount, NEW.status, NEW.created_at)
+  ON CONFLICT (id) DO UPDATE SET customer_id = EXCLUDED.customer_id, customer_name = EXCLUDED.customer_name,
+    amount = EXCLUDED.amount, status = EXCLUDED.status, created_at = EXCLUDED.created_at;
+  RETURN NULL;
+END
+$plain$`
+	if _, err := b.pool.Exec(ctx, plain); err != nil {
+		return nil, fmt.Errorf("plain trigger: %w", err)
+	}
+	return func() error {
+		if _, err := b.pool.Exec(context.WithoutCancel(ctx), def); err != nil {
+			return fmt.Errorf("plain trigger: put trigger sync's function back: %w", err)
+		}
+		return nil
+	}, nil
+}

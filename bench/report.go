@@ -72,6 +72,7 @@ type modeResult struct {
 	SyncTPSRatio        M
 	SyncAloneRatio      M // the sync-only window against the workload alone right after it (logical: stream paused)
 	BareConsumerRatio   M // logical: pg_recvlogical alone (nothing applied) against the stream-paused window before it
+	PlainTriggerRatio   M // trigger: the issue's plain upsert trigger instead of trigger sync's, to the reference
 	CutoverMaxLatencyMs M
 	// FinalizeMaxLatencyMs: finalize runs under the workload too (it
 	// validates green's foreign keys and makes the last swap).
@@ -134,6 +135,7 @@ func (r *modeResult) fields() []namedField {
 		{"workload TPS ratio at ready, sync only (to the reference)", &r.SyncTPSRatio},
 		{"workload TPS ratio at ready, sync only (to the workload alone right after, stream paused)", &r.SyncAloneRatio},
 		{"workload TPS ratio with a bare pgoutput consumer, nothing applied (pg_recvlogical, to the stream-paused window)", &r.BareConsumerRatio},
+		{"workload TPS ratio at ready with the issue's plain upsert trigger instead (no SECURITY DEFINER, search_path or copy guard; to the reference)", &r.PlainTriggerRatio},
 		{"workload max latency during cutover (ms)", &r.CutoverMaxLatencyMs},
 		{"workload max latency during finalize (ms)", &r.FinalizeMaxLatencyMs},
 		{"cutover lock wait (ms)", &r.LockWaitMs},
@@ -206,6 +208,10 @@ type jsonTrigger struct {
 	LockHoldMs          M `json:"lock_hold_ms"`
 	VerifyRowsPerS      M `json:"verify_rows_per_s"`
 	PeakRSSMB           M `json:"peak_rss_mb"`
+	// Beyond the issue's keys: the same window with the issue's plain
+	// upsert trigger instead of trigger sync's, what sync_tps_ratio is to
+	// be read against.
+	PlainTriggerTPSRatio M `json:"plain_trigger_tps_ratio"`
 }
 
 type jsonLogical struct {
@@ -245,7 +251,7 @@ func (b *bench) jsonOf(r *results) jsonOut {
 		RawCopyS:                 r.RawCopyS,
 		OfflineAlterMaxLatencyMs: r.OfflineMaxMs,
 		Trigger: jsonTrigger{t.CopyIdleS, t.CopyLoadS, t.TPSRatio, t.SyncTPSRatio, t.P99Ms,
-			t.CutoverMaxLatencyMs, t.LockHoldMs, t.VerifyRowsPerS, t.PeakRSSMB},
+			t.CutoverMaxLatencyMs, t.LockHoldMs, t.VerifyRowsPerS, t.PeakRSSMB, t.PlainTriggerRatio},
 		Logical: jsonLogical{l.CopyIdleS, l.CopyLoadS, l.TPSRatio, l.SyncTPSRatio, l.P99Ms,
 			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB, l.BareConsumerRatio},
 		Machine:    b.machine,

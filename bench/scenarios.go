@@ -376,7 +376,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			return lerr
 		}
 		why := sr.reason()
-		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.BareConsumerRatio, &m.CutoverMaxLatencyMs, &m.FinalizeMaxLatencyMs,
+		for _, f := range []*M{&m.CopyLoadS, &m.TPSRatio, &m.P99Ms, &m.SyncTPSRatio, &m.SyncAloneRatio, &m.BareConsumerRatio, &m.PlainTriggerRatio, &m.CutoverMaxLatencyMs, &m.FinalizeMaxLatencyMs,
 			&m.LockWaitMs, &m.LockHoldMs, &m.LagP99S, &m.LagMaxS} {
 			*f = none(why)
 		}
@@ -399,6 +399,25 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		return err
 	}
 	t2 := time.Now()
+	// Trigger sync: the same window again with the plain upsert
+	// trigger in its place, the reference for what keeping green current
+	// by trigger costs the application on this machine.
+	var tp0, tp1 time.Time
+	if mode == "trigger" {
+		if restore, err := b.plainTrigger(ctx); err != nil {
+			r.note("%s run: %v", mode, err)
+		} else {
+			tp0 = time.Now()
+			err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, plain trigger")
+			tp1 = time.Now()
+			if rerr := restore(); rerr != nil {
+				return rerr
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
 	// Logical sync: the same window again with the stream not applied (the
 	// follower stopped, the slot keeping the changes for the cutover, which
 	// applies them itself): the workload alone on a table as old as at
@@ -522,6 +541,18 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		m.SyncTPSRatio = ratio(some(s.TPS), ref)
 		m.SyncAloneRatio = none("trigger sync cannot be paused: it runs in the application's transactions")
 		m.BareConsumerRatio = none("not applicable: trigger sync reads no stream")
+		m.PlainTriggerRatio = none("not applicable: logical sync runs no trigger")
+		if mode == "trigger" {
+			m.PlainTriggerRatio = none("the plain trigger did not run (see the notes)")
+			if !tp0.IsZero() {
+				if p, err := l.window(tp0, tp1); err == nil {
+					m.PlainTriggerRatio = ratio(some(p.TPS), ref)
+					r.note("%s load run, the plain trigger's window: %.0f TPS, the machine %s", mode, p.TPS, b.cpuWindow(r, mode+"_plain_trigger", tp0, tp1))
+				} else {
+					m.PlainTriggerRatio = none(err.Error())
+				}
+			}
+		}
 		if mode == "logical" {
 			if a, err := l.window(t2, t2b); err == nil {
 				m.SyncAloneRatio = ratio(some(s.TPS), some(a.TPS))
@@ -538,7 +569,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 			}
 		}
 	} else {
-		m.SyncTPSRatio, m.SyncAloneRatio, m.BareConsumerRatio = none(err.Error()), none(err.Error()), none(err.Error())
+		m.SyncTPSRatio, m.SyncAloneRatio, m.BareConsumerRatio, m.PlainTriggerRatio = none(err.Error()), none(err.Error()), none(err.Error()), none(err.Error())
 	}
 	switch {
 	case !hasCutover:
