@@ -26,19 +26,7 @@ func TestGreenBuildsAreGentleWhileTheApplicationIsBusy(t *testing.T) {
 		t.Run(map[bool]string{false: "quiet", true: "busy"}[busy], func(t *testing.T) {
 			ctx := context.Background()
 			db := newTestDB(t)
-			// The runner's own sessions are told apart by their
-			// application_name, as the CLI's are.
-			cfg, err := pgxpool.ParseConfig(db.DSN)
-			if err != nil {
-				t.Fatal(err)
-			}
-			cfg.ConnConfig.RuntimeParams["application_name"] = "shadowctl"
-			pool, err := pgxpool.NewWithConfig(ctx, cfg)
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(pool.Close)
-			runner := shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())
+			runner := db.runnerNamedShadowctl()
 
 			db.createOrders(5000)
 			db.exec(`CREATE TABLE build_settings (index_name text, workers text, cost_delay text, how text)`,
@@ -105,17 +93,7 @@ func TestGreenBuildsAreGentleWhileTheApplicationIsBusy(t *testing.T) {
 func TestQuietPlainBuildYieldsToAWaitingWriter(t *testing.T) {
 	ctx := context.Background()
 	db := newTestDB(t)
-	cfg, err := pgxpool.ParseConfig(db.DSN)
-	if err != nil {
-		t.Fatal(err)
-	}
-	cfg.ConnConfig.RuntimeParams["application_name"] = "shadowctl"
-	pool, err := pgxpool.NewWithConfig(ctx, cfg)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(pool.Close)
-	runner := shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())
+	runner := db.runnerNamedShadowctl()
 
 	db.createOrders(2000)
 	// The build's lock_timeout does not cut the wait short: it bounds
@@ -177,4 +155,22 @@ func TestQuietPlainBuildYieldsToAWaitingWriter(t *testing.T) {
 	if err := runner.Abort(ctx, m.ID, ""); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// runnerNamedShadowctl is a runner whose sessions are told apart from the
+// application's by their application_name, as the CLI's are (the pace
+// counts only the others).
+func (db *testDB) runnerNamedShadowctl() *shadow.Runner {
+	db.t.Helper()
+	cfg, err := pgxpool.ParseConfig(db.DSN)
+	if err != nil {
+		db.t.Fatal(err)
+	}
+	cfg.ConnConfig.RuntimeParams["application_name"] = "shadowctl"
+	pool, err := pgxpool.NewWithConfig(context.Background(), cfg)
+	if err != nil {
+		db.t.Fatal(err)
+	}
+	db.t.Cleanup(pool.Close)
+	return shadow.NewRunner(pool, catalog.New(""), zerolog.Nop())
 }

@@ -31,6 +31,12 @@ const (
 	buildPlainYielding
 )
 
+// quietBuildTag opens the statement of every plain build that yields, so
+// that the watcher cancels a backend only while it runs one (a connection
+// that finished its builds goes back to the pool, and may be running the
+// verification's comparison by the time a cancel for it is sent).
+const quietBuildTag = "/* shadowctl: a plain build of green's index that yields to waiting sessions */ "
+
 // quietBuildPoll is how often buildWhileQuiet looks for a session waiting
 // for green. A writer that arrives during a plain build waits about this
 // long, plus the cancel.
@@ -160,14 +166,15 @@ func (s *quietBuilds) building() []int32 {
 
 // watch polls until ctx ends. While a session other than the builds waits
 // for a lock on green, it marks the builds yielded and cancels every one
-// running, on every poll: a cancel that reaches a backend between two
-// statements is lost, and the next poll sends another. When it cannot look,
+// running its build statement, on every poll: a build asked for but not
+// yet running is cancelled at the next one. When it cannot look,
 // it yields too (no build may hold green unwatched), and cancels through a
 // fresh connection if its own failed.
 func (s *quietBuilds) watch(ctx context.Context, conn *pgxpool.Conn, pool *pgxpool.Pool, green uint32, log zerolog.Logger) {
 	tick := time.NewTicker(quietBuildPoll)
 	defer tick.Stop()
-	const cancelSQL = `SELECT pg_cancel_backend(p) FROM unnest($1::int4[]) AS p`
+	const cancelSQL = `SELECT pg_cancel_backend(pid) FROM pg_stat_activity
+		WHERE pid = ANY($1::int4[]) AND state = 'active' AND starts_with(query, $2)`
 	for {
 		select {
 		case <-ctx.Done():
@@ -191,8 +198,8 @@ func (s *quietBuilds) watch(ctx context.Context, conn *pgxpool.Conn, pool *pgxpo
 		if !s.yielded.Load() || len(pids) == 0 {
 			continue
 		}
-		if _, err := conn.Exec(ctx, cancelSQL, pids); err != nil && ctx.Err() == nil {
-			if _, err := pool.Exec(ctx, cancelSQL, pids); err != nil && ctx.Err() == nil {
+		if _, err := conn.Exec(ctx, cancelSQL, pids, quietBuildTag); err != nil && ctx.Err() == nil {
+			if _, err := pool.Exec(ctx, cancelSQL, pids, quietBuildTag); err != nil && ctx.Err() == nil {
 				log.Warn().Err(err).Msg("cannot cancel green's plain index builds")
 			}
 		}

@@ -706,7 +706,7 @@ func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpoo
 		// held only while the server runs it, so a cancel always finds
 		// it running (a lock held between two round trips could not be
 		// cancelled).
-		stmt = pgsql.LocalLockTimeoutSQL(m.Request.LockTimeout) + "; LOCK TABLE ONLY " + green.Quoted() + " IN SHARE MODE; " + stmt
+		stmt = quietBuildTag + pgsql.LocalLockTimeoutSQL(m.Request.LockTimeout) + "; LOCK TABLE ONLY " + green.Quoted() + " IN SHARE MODE; " + stmt
 	}
 	if _, err := conn.Exec(ctx, stmt); err != nil {
 		return fmt.Errorf("build index %s on green: %w", ix.Name, err)
