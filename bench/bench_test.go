@@ -225,3 +225,37 @@ func TestSkippedFigureSaysWhy(t *testing.T) {
 		}
 	}
 }
+
+// With BENCH_SCALE_FROM the scale target's time to ready comes from this
+// run's alternated idle runs (4.5 times for 4 times the rows), and the JSON
+// carries it under scale_in_run; without it neither appears.
+func TestScaleInRunTarget(t *testing.T) {
+	b := &bench{cfg: config{Rows: 8_000_000, ScaleFrom: 2_000_000, OutDir: t.TempDir()}}
+	r := newResults(8_000_000)
+	r.Trigger.ScaleIdleRatio, r.Logical.ScaleIdleRatio = some(4.2), some(4.6)
+	got := map[string]string{}
+	for _, tg := range b.targets(r) {
+		if strings.Contains(tg.name, "alternated in this run") {
+			got[strings.Fields(tg.name)[0]] = tg.measured + " " + tg.result
+		}
+	}
+	if got["trigger"] != "4.20 pass" || got["logical"] != "4.60 **fail**" {
+		t.Errorf("in-run scale targets: %v", got)
+	}
+	data, err := json.Marshal(b.jsonOf(r))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(string(data), `"scale_in_run":{"from_rows":2000000,"trigger_copy_idle_ratio":4.2,"logical_copy_idle_ratio":4.6}`) {
+		t.Errorf("JSON without the in-run scale: %s", data)
+	}
+	b.cfg.ScaleFrom = 0
+	for _, tg := range b.targets(r) {
+		if strings.Contains(tg.name, "alternated in this run") {
+			t.Errorf("in-run scale target without BENCH_SCALE_FROM: %s", tg.name)
+		}
+	}
+	if data, _ := json.Marshal(b.jsonOf(r)); strings.Contains(string(data), "scale_in_run") {
+		t.Errorf("scale_in_run without BENCH_SCALE_FROM: %s", data)
+	}
+}

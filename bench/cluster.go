@@ -22,6 +22,8 @@ import (
 const (
 	benchDB = "bench"
 	seedDB  = "bench_seed"
+	// smallSeedDB holds BENCH_SCALE_FROM rows, for the in-run scale check.
+	smallSeedDB = "bench_seed_small"
 )
 
 // pgSettings are the cluster's postgresql.conf lines beyond pgtest's defaults
@@ -92,8 +94,13 @@ func newBench(ctx context.Context, cfg config) (*bench, error) {
 	b.host, b.port = acfg.Host, acfg.Port
 	b.admin = srv.AdminDSN
 	b.dsn = b.dbDSN(benchDB)
-	if err := b.createSeed(ctx); err != nil {
+	if err := b.createSeed(ctx, seedDB, b.cfg.Rows); err != nil {
 		return b, err
+	}
+	if b.cfg.ScaleFrom > 0 {
+		if err := b.createSeed(ctx, smallSeedDB, b.cfg.ScaleFrom); err != nil {
+			return b, err
+		}
 	}
 	if err := b.fresh(ctx); err != nil {
 		return b, err
@@ -177,18 +184,18 @@ func (b *bench) dbDSN(db string) string {
 // fast way (rows first; key, foreign key and indexes after), vacuumed,
 // analyzed and checkpointed. Values are deterministic functions of the row
 // number.
-func (b *bench) createSeed(ctx context.Context) error {
+func (b *bench) createSeed(ctx context.Context, seed string, rows int) error {
 	start := time.Now()
 	admin, err := pgx.Connect(ctx, b.admin)
 	if err != nil {
 		return fmt.Errorf("connect admin: %w", err)
 	}
-	_, err = admin.Exec(ctx, "CREATE DATABASE "+pgsql.Ident(seedDB))
+	_, err = admin.Exec(ctx, "CREATE DATABASE "+pgsql.Ident(seed))
 	admin.Close(ctx)
 	if err != nil {
 		return fmt.Errorf("create seed database: %w", err)
 	}
-	c, err := pgx.Connect(ctx, b.dbDSN(seedDB))
+	c, err := pgx.Connect(ctx, b.dbDSN(seed))
 	if err != nil {
 		return fmt.Errorf("connect seed: %w", err)
 	}
@@ -208,8 +215,8 @@ func (b *bench) createSeed(ctx context.Context) error {
 			       (ARRAY['new','paid','shipped','delivered'])[1 + i %% 4],
 			       timestamptz '2024-01-01' + make_interval(secs => i)
 			FROM generate_series(1, %d) i, LATERAL (SELECT 1 + ((i::bigint * 104729) %% %d)::int AS c) x`,
-			b.cfg.Rows, b.cfg.Customers),
-		fmt.Sprintf(`SELECT setval(pg_get_serial_sequence('public.orders', 'id'), %d)`, b.cfg.Rows),
+			rows, b.cfg.Customers),
+		fmt.Sprintf(`SELECT setval(pg_get_serial_sequence('public.orders', 'id'), %d)`, rows),
 		`ALTER TABLE public.orders ADD PRIMARY KEY (id)`,
 		`ALTER TABLE public.orders ADD FOREIGN KEY (customer_id) REFERENCES public.customers (id)`,
 		`CREATE INDEX orders_customer_id_idx ON public.orders (customer_id)`,
@@ -222,7 +229,7 @@ func (b *bench) createSeed(ctx context.Context) error {
 			return fmt.Errorf("load data: %s: %w", firstLine(st), err)
 		}
 	}
-	logf("seed: customers %d rows, orders %d rows, loaded in %.1fs", b.cfg.Customers, b.cfg.Rows, time.Since(start).Seconds())
+	logf("seed %s: customers %d rows, orders %d rows, loaded in %.1fs", seed, b.cfg.Customers, rows, time.Since(start).Seconds())
 	return nil
 }
 
@@ -230,7 +237,10 @@ func (b *bench) createSeed(ctx context.Context) error {
 // every scenario that needs it starts from byte-identical data, whatever the
 // previous one left (tables, views, schemas, triggers, publications). Logical
 // slots on the old database are dropped first: they would block DROP DATABASE.
-func (b *bench) fresh(ctx context.Context) error {
+func (b *bench) fresh(ctx context.Context) error { return b.freshFrom(ctx, seedDB) }
+
+// freshFrom is fresh with the clone taken from seed.
+func (b *bench) freshFrom(ctx context.Context, seed string) error {
 	start := time.Now()
 	if b.pool != nil {
 		b.pool.Close()
@@ -267,7 +277,7 @@ func (b *bench) fresh(ctx context.Context) error {
 	}
 	for _, st := range []string{
 		"DROP DATABASE IF EXISTS " + pgsql.Ident(benchDB) + " WITH (FORCE)",
-		"CREATE DATABASE " + pgsql.Ident(benchDB) + " TEMPLATE " + pgsql.Ident(seedDB) + " STRATEGY FILE_COPY",
+		"CREATE DATABASE " + pgsql.Ident(benchDB) + " TEMPLATE " + pgsql.Ident(seed) + " STRATEGY FILE_COPY",
 	} {
 		if _, err := admin.Exec(ctx, st); err != nil {
 			return fmt.Errorf("%s: %w", st, err)
@@ -276,7 +286,7 @@ func (b *bench) fresh(ctx context.Context) error {
 	if b.pool, err = pgxpool.New(ctx, b.dsn); err != nil {
 		return fmt.Errorf("pool: %w", err)
 	}
-	logf("fresh %s database cloned from %s in %.1fs", benchDB, seedDB, time.Since(start).Seconds())
+	logf("fresh %s database cloned from %s in %.1fs", benchDB, seed, time.Since(start).Seconds())
 	return nil
 }
 

@@ -63,6 +63,12 @@ type config struct {
 	// `shadowctl start`, e.g. "--load-share 0.5": for comparing settings.
 	// A run with them is reported as such (settings.start_args).
 	StartArgs []string
+	// ScaleFrom (BENCH_SCALE_FROM, e.g. 2000000 in a run of 8,000,000 rows)
+	// also seeds a table of that size, and times each mode's start to
+	// ready at idle at both sizes, alternately, IdleReps times: the scale
+	// target in one run, where the host's speed has no time to drift
+	// between the two sizes (it moved by 45 % within an hour).
+	ScaleFrom int
 }
 
 func loadConfig() (config, error) {
@@ -110,6 +116,12 @@ func loadConfig() (config, error) {
 		c.Bin = b
 	}
 	c.StartArgs = strings.Fields(os.Getenv("BENCH_START_ARGS"))
+	if c.ScaleFrom, err = envInt("BENCH_SCALE_FROM", 0); err != nil {
+		return c, err
+	}
+	if c.ScaleFrom != 0 && (c.ScaleFrom < 1000 || c.ScaleFrom >= c.Rows) {
+		return c, fmt.Errorf("BENCH_SCALE_FROM must be at least 1000 and below BENCH_ROWS (%d), or unset (got %d)", c.Rows, c.ScaleFrom)
+	}
 	if v := os.Getenv("BENCH_ONLY"); v != "" {
 		c.Only = map[string]bool{}
 		known := map[string]bool{"raw": true, "baseline": true, "trigger": true, "logical": true, "repack": true, "alter": true, "idle": true}

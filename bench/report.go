@@ -64,15 +64,18 @@ func ratio(a, b M) M {
 
 // modeResult is one shadowctl sync mode's figures.
 type modeResult struct {
-	RefTPS              M // the workload alone, just before start, same pgbench run
-	CopyIdleS           M
-	CopyLoadS           M
-	TPSRatio            M
-	P99Ms               M
-	SyncTPSRatio        M
-	SyncAloneRatio      M // the sync-only window against the workload alone right after it (logical: stream paused)
-	BareConsumerRatio   M // logical: pg_recvlogical alone (nothing applied) against the stream-paused window before it
-	PlainTriggerRatio   M // trigger: the issue's plain upsert trigger instead of trigger sync's, to the reference
+	RefTPS            M // the workload alone, just before start, same pgbench run
+	CopyIdleS         M
+	CopyLoadS         M
+	TPSRatio          M
+	P99Ms             M
+	SyncTPSRatio      M
+	SyncAloneRatio    M // the sync-only window against the workload alone right after it (logical: stream paused)
+	BareConsumerRatio M // logical: pg_recvlogical alone (nothing applied) against the stream-paused window before it
+	PlainTriggerRatio M // trigger: the issue's plain upsert trigger instead of trigger sync's, to the reference
+	// ScaleIdleRatio: time to ready at idle on the full table over that on
+	// BENCH_SCALE_FROM rows, measured alternately in this run.
+	ScaleIdleRatio      M
 	CutoverMaxLatencyMs M
 	// FinalizeMaxLatencyMs: finalize runs under the workload too (it
 	// validates green's foreign keys and makes the last swap).
@@ -174,6 +177,8 @@ type results struct {
 
 func newResults(rows int) *results {
 	r := &results{Rows: rows, Started: time.Now()}
+	r.Trigger.ScaleIdleRatio = none("needs BENCH_SCALE_FROM")
+	r.Logical.ScaleIdleRatio = none("needs BENCH_SCALE_FROM")
 	r.Trigger.LagP99S = none("not applicable: trigger sync is synchronous")
 	r.Trigger.LagMaxS = r.Trigger.LagP99S
 	return r
@@ -241,6 +246,15 @@ type jsonOut struct {
 	// CPUWindows: the machine's CPU in each measured window (busy cores,
 	// steal), to tell a neighbour's load from ours.
 	CPUWindows map[string]cpuWindow `json:"cpu_windows"`
+	// ScaleInRun: with BENCH_SCALE_FROM, time to ready at idle on the
+	// full table over that on the smaller one, alternated in this run.
+	ScaleInRun *jsonScale `json:"scale_in_run,omitempty"`
+}
+
+type jsonScale struct {
+	FromRows             int `json:"from_rows"`
+	TriggerCopyIdleRatio M   `json:"trigger_copy_idle_ratio"`
+	LogicalCopyIdleRatio M   `json:"logical_copy_idle_ratio"`
 }
 
 func (b *bench) jsonOf(r *results) jsonOut {
@@ -256,6 +270,7 @@ func (b *bench) jsonOf(r *results) jsonOut {
 			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB, l.BareConsumerRatio},
 		Machine:    b.machine,
 		CPUWindows: r.CPU,
+		ScaleInRun: b.scaleInRun(r),
 		Settings: map[string]any{
 			"postgresql":       b.settings,
 			"bench_rows":       b.cfg.Rows,
@@ -433,6 +448,18 @@ func (b *bench) targets(r *results) []target {
 		check(fmt.Sprintf("%s.lock_hold_ms ≤ 50", n), m.LockHoldMs, "", le(50))
 		check(fmt.Sprintf("%s.peak_rss_mb ≤ 100", n), m.PeakRSSMB, "", le(100))
 	}
+	// Scale in one run (BENCH_SCALE_FROM): the two sizes' idle runs
+	// alternated, 4.5 times for 4 times the rows.
+	if b.cfg.ScaleFrom > 0 {
+		limit := 1.125 * float64(r.Rows) / float64(b.cfg.ScaleFrom)
+		for _, mode := range []struct {
+			name string
+			m    modeResult
+		}{{"trigger", r.Trigger}, {"logical", r.Logical}} {
+			check(fmt.Sprintf("%s time to ready at idle, %d / %d rows, alternated in this run ≤ %.2f", mode.name, r.Rows, b.cfg.ScaleFrom, limit),
+				mode.m.ScaleIdleRatio, "ratio", le(limit))
+		}
+	}
 	// Scale: 8,000,000 against 2,000,000 on the same machine.
 	small, err := readEarlier(filepath.Join(b.cfg.OutDir, "rows-2000000.json"))
 	if r.Rows != 8_000_000 || err != nil {
@@ -479,4 +506,11 @@ func readEarlier(path string) (*jsonOut, error) {
 		return nil, fmt.Errorf("decode %s: %w", path, err)
 	}
 	return &j, nil
+}
+
+func (b *bench) scaleInRun(r *results) *jsonScale {
+	if b.cfg.ScaleFrom == 0 {
+		return nil
+	}
+	return &jsonScale{b.cfg.ScaleFrom, r.Trigger.ScaleIdleRatio, r.Logical.ScaleIdleRatio}
 }

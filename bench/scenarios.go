@@ -32,6 +32,7 @@ func (b *bench) runAll(ctx context.Context) (*results, error) {
 		{"baseline", "baseline", b.baseline},
 		{"shadowctl trigger", "trigger", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "trigger", &r.Trigger) }},
 		{"shadowctl logical", "logical", func(ctx context.Context, r *results) error { return b.shadowctlMode(ctx, r, "logical", &r.Logical) }},
+		{"scale at idle", "scale", b.scaleIdle},
 		{"pg_repack", "repack", b.repack},
 		{"offline ALTER", "alter", b.offlineAlter},
 	}
@@ -40,7 +41,11 @@ func (b *bench) runAll(ctx context.Context) (*results, error) {
 		r.note("load average (1 min) at the start of each scenario: %s", strings.Join(loads, ", "))
 	}()
 	for _, s := range steps {
-		if b.cfg.Only != nil && !b.cfg.Only[s.key] {
+		if s.key == "scale" {
+			if b.cfg.ScaleFrom == 0 {
+				continue
+			}
+		} else if b.cfg.Only != nil && !b.cfg.Only[s.key] {
 			continue
 		}
 		loads = append(loads, fmt.Sprintf("%s %.1f", s.name, loadAvg()))
@@ -264,10 +269,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	if r.RawCopyS.known() {
 		startLimit = max(startLimit, time.Duration(30*r.RawCopyS.val()*float64(time.Second)))
 	}
-	startArgs := func(id string) []string {
-		args := []string{"start", "--table", "public.orders", "--alter", alterSpec, "--sync", mode, "--until", "ready", "--name", id}
-		return append(args, b.cfg.StartArgs...)
-	}
+	startArgs := func(id string) []string { return b.startArgs(mode, id) }
 
 	hasCutover, why := b.hasCommand(ctx, "cutover")
 	// Idle: time to ready, then abort; IdleReps times, the median is the
