@@ -406,18 +406,12 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	// by trigger costs the application on this machine.
 	var tp0, tp1 time.Time
 	if mode == "trigger" {
-		if restore, err := b.plainTrigger(ctx); err != nil {
-			r.note("%s run: %v", mode, err)
-		} else {
-			tp0 = time.Now()
-			err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, plain trigger")
-			tp1 = time.Now()
-			if rerr := restore(); rerr != nil {
-				return rerr
-			}
-			if err != nil {
-				return err
-			}
+		var restoreErr error
+		if tp0, tp1, restoreErr, err = b.windowWith(ctx, w, r, mode+" run, at ready, plain trigger", b.plainTrigger); err != nil {
+			return err
+		}
+		if restoreErr != nil {
+			return restoreErr
 		}
 	}
 	// Logical sync: the same window again with the stream not applied (the
@@ -435,19 +429,13 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		t2b = time.Now()
 		// Then PostgreSQL's own consumer alone, nothing applied: the
 		// floor under the sync-only ratio on this machine.
-		if stopBare, err := b.bareConsumer(ctx); err != nil {
-			r.note("%s run: %v", mode, err)
-		} else {
-			tb0 = time.Now()
-			err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, at ready, bare pgoutput consumer")
-			tb1 = time.Now()
-			if serr := stopBare(); serr != nil {
-				r.note("%s run: %v", mode, serr)
-				tb0 = time.Time{}
-			}
-			if err != nil {
-				return err
-			}
+		var stopErr error
+		if tb0, tb1, stopErr, err = b.windowWith(ctx, w, r, mode+" run, at ready, bare pgoutput consumer", b.bareConsumer); err != nil {
+			return err
+		}
+		if stopErr != nil {
+			r.note("%s run: %v", mode, stopErr)
+			tb0 = time.Time{}
 		}
 		// The cutover then meets the stream as the daemon leaves it: a
 		// follower running and caught up. (Without one, the cutover applies
@@ -1015,4 +1003,20 @@ func (b *bench) offlineAlter(ctx context.Context, r *results) error {
 	r.OfflineErrors = some(float64(l.errorsBetween(t0, t2)))
 	logf("offline ALTER: %.2fs, workload max latency %.1f ms", t1.Sub(t0).Seconds(), s.MaxMs)
 	return nil
+}
+
+// windowWith holds one window of the workload with something started in
+// the application's way (a plain trigger, a bare consumer) and undone right
+// after it. A start that fails is noted and gives zero times; undoErr is
+// the undo's own failure, for the caller to weigh; err ends the run.
+func (b *bench) windowWith(ctx context.Context, w *workload, r *results, what string, start func(context.Context) (func() error, error)) (t0, t1 time.Time, undoErr, err error) {
+	undo, serr := start(ctx)
+	if serr != nil {
+		r.note("%s: %v", what, serr)
+		return time.Time{}, time.Time{}, nil, nil
+	}
+	t0 = time.Now()
+	err = w.holdOrNote(ctx, b.cfg.SyncWin, r, what)
+	t1 = time.Now()
+	return t0, t1, undo(), err
 }
