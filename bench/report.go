@@ -318,8 +318,8 @@ func (b *bench) report(r *results) error {
 	return nil
 }
 
-// whyNot renders why a figure was not measured; a figure no scenario set
-// was left out of a partial run (BENCH_ONLY).
+// whyNot renders why a figure was not measured. A figure that no scenario
+// set at all was left out of a partial run (BENCH_ONLY).
 func whyNot(m M) string {
 	if m.Why == "" {
 		return "not measured: not run (BENCH_ONLY)"

@@ -20,6 +20,7 @@ func (b *bench) scaleIdle(ctx context.Context, r *results) error {
 		m    *modeResult
 	}{{"trigger", &r.Trigger}, {"logical", &r.Logical}} {
 		if b.cfg.Only != nil && !b.cfg.Only[mode.name] {
+			mode.m.ScaleIdleRatio = none("not run (BENCH_ONLY)")
 			continue
 		}
 		var small, large []float64

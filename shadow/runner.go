@@ -695,10 +695,11 @@ func (r *Runner) buildGreenIndex(ctx context.Context, m *Migration, conn *pgxpoo
 		return err
 	}
 	if how != buildConcurrently {
-		// Logical sync: only the apply writes green, and it waits (verify
-		// starts it after the builds). A plain build reads the table
-		// once, where a concurrent one reads it twice and waits out every
-		// older transaction in between.
+		// A plain build (logical sync, where only the apply writes green
+		// and waits for the builds; trigger sync while quiet) reads the
+		// table once, where a concurrent one reads it twice and waits out
+		// every older transaction in between. IF NOT EXISTS: a restart
+		// finds it done or not begun.
 		stmt = strings.Replace(stmt, "INDEX ", "INDEX IF NOT EXISTS ", 1)
 	}
 	if how == buildPlainYielding {
