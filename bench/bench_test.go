@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"maps"
 	"math"
 	"os"
 	"path/filepath"
@@ -226,28 +227,61 @@ func TestSkippedFigureSaysWhy(t *testing.T) {
 	}
 }
 
-// With BENCH_SCALE_FROM the scale target's time to ready comes from this
-// run's alternated idle runs (4.5 times for 4 times the rows), and the JSON
-// carries it under scale_in_run; without it neither appears.
+// With BENCH_SCALE_FROM the scale targets come from this run's alternated
+// idle runs (time to ready 4.5 times for 4 times the rows) and the cutovers
+// after them (no larger at the full size, within the noise allowance), and
+// the JSON carries them under scale_in_run; without it neither appears.
 func TestScaleInRunTarget(t *testing.T) {
 	b := &bench{cfg: config{Rows: 8_000_000, ScaleFrom: 2_000_000, OutDir: t.TempDir()}}
 	r := newResults(8_000_000)
 	r.Trigger.ScaleIdleRatio, r.Logical.ScaleIdleRatio = some(4.2), some(4.6)
+	swaps := func(latMs []float64, holdMs ...float64) scaleSwaps {
+		var cuts []swapSample
+		for i := range latMs {
+			cuts = append(cuts, swapSample{maxLat: some(latMs[i]), hold: holdMs[i], holdKnown: true})
+		}
+		return scaleSwapsOf(cuts, 3)
+	}
+	// Trigger: latency 20 at 8M against 13 at 2M passes with the 10 ms
+	// allowance, hold 4 against 3 too. Logical: hold 17 against 10 fails
+	// (12 after the 5 ms allowance), latency 25 against 40 passes.
+	r.Trigger.ScaleSwaps = [2]scaleSwaps{swaps([]float64{12, 13, 30}, 3, 2, 9), swaps([]float64{20, 19, 50}, 4, 5, 1)}
+	r.Logical.ScaleSwaps = [2]scaleSwaps{swaps([]float64{40, 41, 39}, 10, 9, 11), swaps([]float64{25, 26, 24}, 17, 18, 16)}
 	got := map[string]string{}
 	for _, tg := range b.targets(r) {
 		if strings.Contains(tg.name, "alternated in this run") {
-			got[strings.Fields(tg.name)[0]] = tg.measured + " " + tg.result
+			f := strings.Fields(tg.name)
+			got[f[0]+" "+f[1]] = tg.measured + " " + tg.result
 		}
 	}
-	if got["trigger"] != "4.20 pass" || got["logical"] != "4.60 **fail**" {
-		t.Errorf("in-run scale targets: %v", got)
+	want := map[string]string{
+		"trigger time": "4.20 pass", "logical time": "4.60 **fail**",
+		"trigger cutover": "0.77 pass", "trigger lock": "0.00 pass",
+		"logical cutover": "0.38 pass", "logical lock": "1.20 **fail**",
 	}
+	if !maps.Equal(got, want) {
+		t.Errorf("in-run scale targets: %v, want %v", got, want)
+	}
+	// A size with a swap missing is not measured, not passed.
+	r.Logical.ScaleSwaps[1] = scaleSwapsOf(nil, 3)
+	for _, tg := range b.targets(r) {
+		if strings.HasPrefix(tg.name, "logical lock hold") && !strings.Contains(tg.result, "0 of 3 cutovers readable") {
+			t.Errorf("logical hold with no 8M cutovers: %+v", tg)
+		}
+	}
+	r.Logical.ScaleSwaps[1] = swaps([]float64{25, 26, 24}, 17, 18, 16)
 	data, err := json.Marshal(b.jsonOf(r))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if !strings.Contains(string(data), `"scale_in_run":{"from_rows":2000000,"trigger_copy_idle_ratio":4.2,"logical_copy_idle_ratio":4.6}`) {
-		t.Errorf("JSON without the in-run scale: %s", data)
+	for _, part := range []string{
+		`"scale_in_run":{"from_rows":2000000,"trigger_copy_idle_ratio":4.2,"logical_copy_idle_ratio":4.6,`,
+		`"trigger_cutovers":{"at_from_rows":{"cutover_max_latency_ms":13,"lock_hold_ms":3},"at_rows":{"cutover_max_latency_ms":20,"lock_hold_ms":4}}`,
+		`"logical_cutovers":{"at_from_rows":{"cutover_max_latency_ms":40,"lock_hold_ms":10},"at_rows":{"cutover_max_latency_ms":25,"lock_hold_ms":17}}`,
+	} {
+		if !strings.Contains(string(data), part) {
+			t.Errorf("JSON without %s: %s", part, data)
+		}
 	}
 	b.cfg.ScaleFrom = 0
 	for _, tg := range b.targets(r) {

@@ -75,7 +75,10 @@ type modeResult struct {
 	PlainTriggerRatio M // trigger: the issue's plain upsert trigger instead of trigger sync's, to the reference
 	// ScaleIdleRatio: time to ready at idle on the full table over that on
 	// BENCH_SCALE_FROM rows, measured alternately in this run.
-	ScaleIdleRatio      M
+	ScaleIdleRatio M
+	// ScaleSwaps: the cutovers after those idle runs, at BENCH_SCALE_FROM
+	// rows and at the full size.
+	ScaleSwaps          [2]scaleSwaps
 	CutoverMaxLatencyMs M
 	// FinalizeMaxLatencyMs: finalize runs under the workload too (it
 	// validates green's foreign keys and makes the last swap).
@@ -177,8 +180,10 @@ type results struct {
 
 func newResults(rows int) *results {
 	r := &results{Rows: rows, Started: time.Now()}
-	r.Trigger.ScaleIdleRatio = none("needs BENCH_SCALE_FROM")
-	r.Logical.ScaleIdleRatio = none("needs BENCH_SCALE_FROM")
+	for _, m := range []*modeResult{&r.Trigger, &r.Logical} {
+		m.ScaleIdleRatio = none("needs BENCH_SCALE_FROM")
+		m.ScaleSwaps = [2]scaleSwaps{noScaleSwaps("needs BENCH_SCALE_FROM"), noScaleSwaps("needs BENCH_SCALE_FROM")}
+	}
 	r.Trigger.LagP99S = none("not applicable: trigger sync is synchronous")
 	r.Trigger.LagMaxS = r.Trigger.LagP99S
 	return r
@@ -247,14 +252,24 @@ type jsonOut struct {
 	// steal), to tell a neighbour's load from ours.
 	CPUWindows map[string]cpuWindow `json:"cpu_windows"`
 	// ScaleInRun: with BENCH_SCALE_FROM, time to ready at idle on the
-	// full table over that on the smaller one, alternated in this run.
+	// full table over that on the smaller one, alternated in this run,
+	// and the median cutover after those runs at each size.
 	ScaleInRun *jsonScale `json:"scale_in_run,omitempty"`
 }
 
 type jsonScale struct {
-	FromRows             int `json:"from_rows"`
-	TriggerCopyIdleRatio M   `json:"trigger_copy_idle_ratio"`
-	LogicalCopyIdleRatio M   `json:"logical_copy_idle_ratio"`
+	FromRows             int            `json:"from_rows"`
+	TriggerCopyIdleRatio M              `json:"trigger_copy_idle_ratio"`
+	LogicalCopyIdleRatio M              `json:"logical_copy_idle_ratio"`
+	TriggerCutovers      jsonScaleSwaps `json:"trigger_cutovers"`
+	LogicalCutovers      jsonScaleSwaps `json:"logical_cutovers"`
+}
+
+// jsonScaleSwaps is one mode's median cutover at each size of the in-run
+// scale comparison.
+type jsonScaleSwaps struct {
+	AtFromRows scaleSwaps `json:"at_from_rows"`
+	AtRows     scaleSwaps `json:"at_rows"`
 }
 
 func (b *bench) jsonOf(r *results) jsonOut {
@@ -449,7 +464,8 @@ func (b *bench) targets(r *results) []target {
 		check(fmt.Sprintf("%s.peak_rss_mb ≤ 100", n), m.PeakRSSMB, "", le(100))
 	}
 	// Scale in one run (BENCH_SCALE_FROM): the two sizes' idle runs
-	// alternated, 4.5 times for 4 times the rows.
+	// alternated, 4.5 times for 4 times the rows; the swaps after them no
+	// larger at the full size.
 	if b.cfg.ScaleFrom > 0 {
 		limit := 1.125 * float64(r.Rows) / float64(b.cfg.ScaleFrom)
 		for _, mode := range []struct {
@@ -458,6 +474,12 @@ func (b *bench) targets(r *results) []target {
 		}{{"trigger", r.Trigger}, {"logical", r.Logical}} {
 			check(fmt.Sprintf("%s time to ready at idle, %d / %d rows, alternated in this run ≤ %.2f", mode.name, r.Rows, b.cfg.ScaleFrom, limit),
 				mode.m.ScaleIdleRatio, "ratio", le(limit))
+			// The same noise allowance as between runs (below).
+			small, large := mode.m.ScaleSwaps[0], mode.m.ScaleSwaps[1]
+			check(fmt.Sprintf("%s cutover max latency, %d / %d rows, alternated in this run ≤ 1 (+10 ms noise)", mode.name, r.Rows, b.cfg.ScaleFrom),
+				ratio(addM(large.MaxLatencyMs, -10), small.MaxLatencyMs), "ratio", le(1))
+			check(fmt.Sprintf("%s lock hold, %d / %d rows, alternated in this run ≤ 1 (+5 ms noise)", mode.name, r.Rows, b.cfg.ScaleFrom),
+				ratio(addM(large.LockHoldMs, -5), small.LockHoldMs), "ratio", le(1))
 		}
 	}
 	// Scale: 8,000,000 against 2,000,000 on the same machine.
@@ -512,5 +534,6 @@ func (b *bench) scaleInRun(r *results) *jsonScale {
 	if b.cfg.ScaleFrom == 0 {
 		return nil
 	}
-	return &jsonScale{b.cfg.ScaleFrom, r.Trigger.ScaleIdleRatio, r.Logical.ScaleIdleRatio}
+	return &jsonScale{b.cfg.ScaleFrom, r.Trigger.ScaleIdleRatio, r.Logical.ScaleIdleRatio,
+		jsonScaleSwaps{r.Trigger.ScaleSwaps[0], r.Trigger.ScaleSwaps[1]}, jsonScaleSwaps{r.Logical.ScaleSwaps[0], r.Logical.ScaleSwaps[1]}}
 }

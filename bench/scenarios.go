@@ -316,7 +316,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		logf("%s: ready after %.2fs idle", mode, sr.dur.Seconds())
 		swapped := false
 		if sampleIdle && len(idleCuts) < b.cfg.Swaps-1 {
-			c, rss, err := b.cutoverAfterIdle(ctx, r, mode, idleID)
+			c, rss, err := b.cutoverAfterIdle(ctx, r, mode, idleID, b.cfg.Rows)
 			if err != nil {
 				return err
 			}
@@ -657,29 +657,34 @@ func (b *bench) follow(ctx context.Context, id, label string) (stop func() int64
 	return sync.OnceValue(func() int64 { cancel(); return (<-done).maxRSSKB })
 }
 
-// cutoverAfterIdle is one more logical cutover sample, made on a migration
-// an idle run has just brought to ready: the workload starts, a follower
-// applies the stream for cfg.After and catches up, then the cutover, as in
-// the load run. (Nothing is measured before the cutover: a longer lead-in
+// cutoverAfterIdle is one more cutover sample, made on a migration an idle
+// run has just brought to ready, on a table of rows rows: the workload
+// starts, (logical sync) a follower applies the stream for cfg.After and
+// catches up, then the cutover, as in the load run. (Nothing is measured before the cutover: a longer lead-in
 // only lengthens the run, past 3 minutes in the quick mode.) Only the first
 // cutover of a logical migration drains the stream, so a median of several
 // needs a migration each, and the idle runs' copies are already there. A sample that fails is noted and left
 // out; only an interrupted run or a harness failure is an error.
-func (b *bench) cutoverAfterIdle(ctx context.Context, r *results, mode, id string) (swapSample, int64, error) {
-	w, err := b.startWorkload(ctx, "shadowctl-"+id)
+func (b *bench) cutoverAfterIdle(ctx context.Context, r *results, mode, id string, rows int) (swapSample, int64, error) {
+	w, err := b.startWorkloadOn(ctx, "shadowctl-"+id, rows)
 	if err != nil {
 		return swapSample{}, 0, err
 	}
 	defer w.kill()
-	stopFollow := b.follow(ctx, id, id+"-follow")
+	stopFollow := func() int64 { return 0 }
+	if mode == "logical" {
+		stopFollow = b.follow(ctx, id, id+"-follow")
+	}
 	defer stopFollow()
 	t0 := time.Now()
 	what := mode + " idle run " + id + ", cutover sample"
 	if err := w.holdOrNote(ctx, b.cfg.After, r, what); err != nil {
 		return swapSample{}, 0, err
 	}
-	if err := b.waitCaughtUp(ctx, id, time.Minute); err != nil {
-		r.note("%s: %v", what, err)
+	if mode == "logical" {
+		if err := b.waitCaughtUp(ctx, id, time.Minute); err != nil {
+			r.note("%s: %v", what, err)
+		}
 	}
 	c, cr := b.cutover(ctx, id, id+"-cutover")
 	rssKB := max(cr.maxRSSKB, stopFollow())

@@ -51,6 +51,13 @@ type workload struct {
 // startWorkload starts pgbench and lets it ramp up for cfg.Warmup (a fixed
 // measurement lead-in, not a synchronisation), then checks it is still alive.
 func (b *bench) startWorkload(ctx context.Context, name string) (*workload, error) {
+	return b.startWorkloadOn(ctx, name, b.cfg.Rows)
+}
+
+// startWorkloadOn is startWorkload on a table of rows rows (the ids its
+// updates and selects pick from): the smaller table of an in-run scale
+// comparison.
+func (b *bench) startWorkloadOn(ctx context.Context, name string, rows int) (*workload, error) {
 	script := filepath.Join(b.work, "orders.sql")
 	if err := os.WriteFile(script, []byte(workloadScript), 0o644); err != nil {
 		return nil, fmt.Errorf("write pgbench script: %w", err)
@@ -65,7 +72,7 @@ func (b *bench) startWorkload(ctx context.Context, name string) (*workload, erro
 		"-c", strconv.Itoa(b.cfg.Clients), "-j", strconv.Itoa(b.cfg.Threads),
 		"-T", "7200", "-P", "1",
 		"-l", "--log-prefix", w.prefix, "--failures-detailed",
-		"-D", "maxid=" + strconv.Itoa(b.cfg.Rows), "-D", "ncust=" + strconv.Itoa(b.cfg.Customers)}
+		"-D", "maxid=" + strconv.Itoa(rows), "-D", "ncust=" + strconv.Itoa(b.cfg.Customers)}
 	w.cmd = exec.Command(filepath.Join(b.srv.BinDir, "pgbench"), args...)
 	w.cmd.Dir = b.work
 	w.cmd.Env = append(os.Environ(), "PGHOST="+b.host, "PGPORT="+strconv.Itoa(int(b.port)),
