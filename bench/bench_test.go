@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"fmt"
 	"maps"
 	"math"
 	"os"
@@ -291,5 +292,26 @@ func TestScaleInRunTarget(t *testing.T) {
 	}
 	if data, _ := json.Marshal(b.jsonOf(r)); strings.Contains(string(data), "scale_in_run") {
 		t.Errorf("scale_in_run without BENCH_SCALE_FROM: %s", data)
+	}
+}
+
+// The raw limit's figure is the median of every run, those the modes' idle
+// runs make right before theirs included, and its split is that run's.
+func TestRawFigureIsTheMedianOfEveryRun(t *testing.T) {
+	r := newResults(1000)
+	for i, secs := range []float64{5.2, 6.9, 4.0, 5.5, 5.0} {
+		r.rawRuns = append(r.rawRuns, rawRun{when: fmt.Sprint("run ", i), rows: 1000,
+			insert: time.Duration(secs * 0.75 * float64(time.Second)), index: time.Duration(secs * 0.25 * float64(time.Second))})
+		r.setRaw()
+	}
+	if got := fmtM(r.RawCopyS, ""); got != "5.20" {
+		t.Errorf("raw_copy_s of 5.2, 6.9, 4.0, 5.5, 5.0: %s, want 5.20", got)
+	}
+	if got := fmtM(r.RawInsertS, ""); got != "3.90" {
+		t.Errorf("raw insert of the median run: %s, want 3.90", got)
+	}
+	r.rawNotes()
+	if n := r.Notes[0]; !strings.Contains(n, "4.00, 5.00, 5.20, 5.50, 6.90 s, 5 runs") {
+		t.Errorf("raw note: %s", n)
 	}
 }

@@ -164,6 +164,8 @@ type results struct {
 
 	RawRows, RawInsertS, RawIndexS, RawCopyS, RawRowsPerS M
 	RawIndexedS                                           M // the same copy into an already indexed table
+	// rawRuns: every run of the raw limit (rawOnce), in order.
+	rawRuns []rawRun
 
 	OfflineS, OfflineMaxMs, OfflineTPSRatio, OfflineErrors M
 

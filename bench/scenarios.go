@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"os"
@@ -38,6 +39,7 @@ func (b *bench) runAll(ctx context.Context) (*results, error) {
 	}
 	var loads []string
 	defer func() {
+		r.rawNotes()
 		r.note("load average (1 min) at the start of each scenario: %s", strings.Join(loads, ", "))
 	}()
 	for _, s := range steps {
@@ -95,70 +97,23 @@ func (b *bench) clean(ctx context.Context) error {
 	return b.checkpoint(ctx)
 }
 
-// rawCopy is PostgreSQL's own limit for the change: one INSERT … SELECT with
-// the same mapping into a table that has only its key, then the two secondary
-// index builds, on an idle database; measured IdleReps times, the median run
-// is the figure.
+// rawCopy measures the raw limit: INSERT … SELECT of the mapping into a
+// table with only its key, then the two secondary index builds, on an idle
+// database, IdleReps times (rawOnce). Each mode's idle runs measure it once
+// more right before each of theirs (shadowctlMode), so the raw limit's
+// median spans the same minutes as the times to ready it is divided by: on
+// this shared host the speed moves by a third within an hour.
 func (b *bench) rawCopy(ctx context.Context, r *results) error {
+	for range b.cfg.IdleReps {
+		if err := b.rawOnce(ctx, r, "raw limit"); err != nil {
+			return err
+		}
+	}
 	c, err := b.pool.Acquire(ctx)
 	if err != nil {
 		return fmt.Errorf("acquire: %w", err)
 	}
 	defer c.Release()
-	type rawRun struct {
-		rows          int64
-		insert, index time.Duration
-	}
-	var runs []rawRun
-	var machine []string
-	for rep := range b.cfg.IdleReps {
-		if err := b.checkpoint(ctx); err != nil {
-			return err
-		}
-		if _, err := c.Exec(ctx, `CREATE TABLE public.scratch (
-			id bigint PRIMARY KEY, customer_id int, customer_name text,
-			amount numeric(12,2), status text, created_at timestamptz DEFAULT now())`); err != nil {
-			return fmt.Errorf("create scratch: %w", err)
-		}
-		t0 := time.Now()
-		tag, err := c.Exec(ctx, `INSERT INTO public.scratch (id, customer_id, customer_name, amount, status, created_at)
-			SELECT id::bigint, customer_id, customer_name, amount::numeric(12,2), status, created_at FROM public.orders`)
-		if err != nil {
-			return fmt.Errorf("copy into scratch: %w", err)
-		}
-		t1 := time.Now()
-		for _, s := range []string{
-			`CREATE INDEX scratch_customer_id_idx ON public.scratch (customer_id)`,
-			`CREATE INDEX scratch_created_at_idx ON public.scratch (created_at)`,
-		} {
-			if _, err := c.Exec(ctx, s); err != nil {
-				return fmt.Errorf("index scratch: %w", err)
-			}
-		}
-		t2 := time.Now()
-		if _, err := c.Exec(ctx, `DROP TABLE public.scratch`); err != nil {
-			return fmt.Errorf("drop scratch: %w", err)
-		}
-		runs = append(runs, rawRun{tag.RowsAffected(), t1.Sub(t0), t2.Sub(t1)})
-		machine = append(machine, fmt.Sprintf("%.2f s: %s", t2.Sub(t0).Seconds(), b.cpuWindow(r, "raw_limit_"+strconv.Itoa(rep+1), t0, t2)))
-		logf("raw copy: %d rows in %.2fs (insert %.2fs, indexes %.2fs)", tag.RowsAffected(), t2.Sub(t0).Seconds(), t1.Sub(t0).Seconds(), t2.Sub(t1).Seconds())
-	}
-	sort.Slice(runs, func(i, j int) bool { return runs[i].insert+runs[i].index < runs[j].insert+runs[j].index })
-	// The median run; of an even number, the mean of the middle two, as
-	// median does (the 8M scale runs measure two).
-	med := runs[len(runs)/2]
-	if len(runs)%2 == 0 {
-		lo := runs[len(runs)/2-1]
-		med = rawRun{med.rows, (lo.insert + med.insert) / 2, (lo.index + med.index) / 2}
-	}
-	if len(runs) > 1 {
-		all := make([]float64, len(runs))
-		for i, run := range runs {
-			all[i] = (run.insert + run.index).Seconds()
-		}
-		r.note("raw limit, idle: %s s (the median is the figure)", secondsList(all))
-	}
-	r.note("raw limit, the machine during each run: %s", strings.Join(machine, "; "))
 	// The same copy into a table that already has its secondary indexes: the
 	// effect of the "indexes after the bulk copy" lever at PostgreSQL's level.
 	for _, st := range []string{
@@ -182,14 +137,95 @@ func (b *bench) rawCopy(ctx context.Context, r *results) error {
 	if _, err := c.Exec(ctx, `DROP TABLE public.scratch`); err != nil {
 		return fmt.Errorf("drop scratch: %w", err)
 	}
+	return b.checkpoint(ctx)
+}
+
+// rawRun is one measurement of the raw limit; when says before what.
+type rawRun struct {
+	when          string
+	rows          int64
+	insert, index time.Duration
+	machine       string
+}
+
+func (run rawRun) total() time.Duration { return run.insert + run.index }
+
+// rawOnce measures the raw limit once on the bench database's orders (a
+// fresh clone: it leaves orders as it found it), adds the run to the
+// results and makes the median of all runs so far the figure.
+func (b *bench) rawOnce(ctx context.Context, r *results, when string) error {
+	c, err := b.pool.Acquire(ctx)
+	if err != nil {
+		return fmt.Errorf("acquire: %w", err)
+	}
+	defer c.Release()
+	if err := b.checkpoint(ctx); err != nil {
+		return err
+	}
+	if _, err := c.Exec(ctx, `CREATE TABLE public.scratch (
+		id bigint PRIMARY KEY, customer_id int, customer_name text,
+		amount numeric(12,2), status text, created_at timestamptz DEFAULT now())`); err != nil {
+		return fmt.Errorf("create scratch: %w", err)
+	}
+	t0 := time.Now()
+	tag, err := c.Exec(ctx, `INSERT INTO public.scratch (id, customer_id, customer_name, amount, status, created_at)
+		SELECT id::bigint, customer_id, customer_name, amount::numeric(12,2), status, created_at FROM public.orders`)
+	if err != nil {
+		return fmt.Errorf("copy into scratch: %w", err)
+	}
+	t1 := time.Now()
+	for _, s := range []string{
+		`CREATE INDEX scratch_customer_id_idx ON public.scratch (customer_id)`,
+		`CREATE INDEX scratch_created_at_idx ON public.scratch (created_at)`,
+	} {
+		if _, err := c.Exec(ctx, s); err != nil {
+			return fmt.Errorf("index scratch: %w", err)
+		}
+	}
+	t2 := time.Now()
+	if _, err := c.Exec(ctx, `DROP TABLE public.scratch`); err != nil {
+		return fmt.Errorf("drop scratch: %w", err)
+	}
+	run := rawRun{when: when, rows: tag.RowsAffected(), insert: t1.Sub(t0), index: t2.Sub(t1),
+		machine: b.cpuWindow(r, "raw_limit_"+strconv.Itoa(len(r.rawRuns)+1), t0, t2)}
+	r.rawRuns = append(r.rawRuns, run)
+	logf("raw copy (%s): %d rows in %.2fs (insert %.2fs, indexes %.2fs)", when, run.rows, run.total().Seconds(), run.insert.Seconds(), run.index.Seconds())
+	r.setRaw()
+	return b.checkpoint(ctx)
+}
+
+// setRaw makes the median of the raw limit's runs the figure (of an even
+// number, the mean of the middle two, as median does).
+func (r *results) setRaw() {
+	runs := slices.Clone(r.rawRuns)
+	slices.SortFunc(runs, func(a, b rawRun) int { return cmp.Compare(a.total(), b.total()) })
+	med := runs[len(runs)/2]
+	if len(runs)%2 == 0 {
+		lo := runs[len(runs)/2-1]
+		med = rawRun{rows: med.rows, insert: (lo.insert + med.insert) / 2, index: (lo.index + med.index) / 2}
+	}
 	n := float64(med.rows)
-	total := (med.insert + med.index).Seconds()
+	total := med.total().Seconds()
 	r.RawRows = some(n)
 	r.RawInsertS = some(med.insert.Seconds())
 	r.RawIndexS = some(med.index.Seconds())
 	r.RawCopyS = some(total)
 	r.RawRowsPerS = some(n / total)
-	return b.checkpoint(ctx)
+}
+
+// rawNotes lists every raw limit run, in order, for the notes.
+func (r *results) rawNotes() {
+	if len(r.rawRuns) == 0 {
+		return
+	}
+	all := make([]float64, len(r.rawRuns))
+	machine := make([]string, len(r.rawRuns))
+	for i, run := range r.rawRuns {
+		all[i] = run.total().Seconds()
+		machine[i] = fmt.Sprintf("%s, %.2f s: %s", run.when, all[i], run.machine)
+	}
+	r.note("raw limit, idle: %s s, %d runs (the median is the figure)", secondsList(all), len(all))
+	r.note("raw limit, each run in order and the machine during it: %s", strings.Join(machine, "; "))
 }
 
 // secondsList renders measurements in seconds, in order: "9.02, 9.47, 10.33".
@@ -286,6 +322,11 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		idleID := "bench-" + mode + "-idle"
 		if rep > 0 {
 			idleID += "-" + strconv.Itoa(rep+1)
+		}
+		if b.cfg.Only == nil || b.cfg.Only["raw"] {
+			if err := b.rawOnce(ctx, r, "before "+idleID); err != nil {
+				return err
+			}
 		}
 		logf("%s: start on an idle database", mode)
 		started := time.Now()
