@@ -36,7 +36,7 @@ func (b *bench) scaleIdle(ctx context.Context, r *results) error {
 				into *[]float64
 			}{{smallSeedDB, b.cfg.ScaleFrom, &small}, {seedDB, b.cfg.Rows, &large}} {
 				id := fmt.Sprintf("bench-%s-scale-%d-%d", mode.name, size.rows, rep)
-				d, why, err := b.idleOnce(ctx, mode.name, size.seed, id)
+				d, rssKB, why, err := b.idleOnce(ctx, mode.name, size.seed, id)
 				if err != nil {
 					return err
 				}
@@ -46,9 +46,13 @@ func (b *bench) scaleIdle(ctx context.Context, r *results) error {
 				}
 				logf("%s: ready after %.2fs idle at %d rows", mode.name, d.Seconds(), size.rows)
 				*size.into = append(*size.into, d.Seconds())
-				c, _, err := b.cutoverAfterIdle(ctx, r, mode.name, id, size.rows)
+				c, cutRSSKB, err := b.cutoverAfterIdle(ctx, r, mode.name, id, size.rows)
 				if err != nil {
 					return err
+				}
+				// "≤ 100 MB at any size": these runs count too.
+				if mb := float64(max(rssKB, cutRSSKB)) / 1024; !mode.m.PeakRSSMB.known() || mb > mode.m.PeakRSSMB.val() {
+					mode.m.PeakRSSMB = some(mb)
 				}
 				if c.holdKnown && c.maxLat.known() {
 					cuts[i] = append(cuts[i], c)
@@ -111,25 +115,25 @@ func (s scaleSwaps) String() string {
 // idleOnce runs one `start --until ready` on an idle clone of seed and
 // leaves the migration at ready (the next clone drops it). why says what
 // went wrong when the CLI did.
-func (b *bench) idleOnce(ctx context.Context, mode, seed, id string) (d time.Duration, why string, err error) {
+func (b *bench) idleOnce(ctx context.Context, mode, seed, id string) (d time.Duration, rssKB int64, why string, err error) {
 	if err := b.freshFrom(ctx, seed); err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	b.dirty = true
 	if err := b.checkpoint(ctx); err != nil {
-		return 0, "", err
+		return 0, 0, "", err
 	}
 	if ir := b.shadowctl(ctx, id+"-init", "init"); !ir.ok() {
-		return 0, ir.reason(), nil
+		return 0, 0, ir.reason(), nil
 	}
 	sr := b.shadowctlWithin(ctx, 30*time.Minute, id+"-start", b.startArgs(mode, id)...)
 	if ctx.Err() != nil {
-		return 0, "", ctx.Err()
+		return 0, 0, "", ctx.Err()
 	}
 	if !sr.ok() {
-		return 0, sr.reason(), nil
+		return 0, 0, sr.reason(), nil
 	}
-	return sr.dur, "", nil
+	return sr.dur, sr.maxRSSKB, "", nil
 }
 
 // startArgs is the `shadowctl start` of every measured run.
