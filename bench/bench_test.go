@@ -263,6 +263,12 @@ func TestScaleInRunTarget(t *testing.T) {
 	if !maps.Equal(got, want) {
 		t.Errorf("in-run scale targets: %v, want %v", got, want)
 	}
+	// The comparison with a separate run at 2M gives way to this run's own.
+	for _, tg := range b.targets(r) {
+		if strings.Contains(tg.name, "8M") {
+			t.Errorf("a cross-run scale target in a run that compares the sizes itself: %s", tg.name)
+		}
+	}
 	// A size with a swap missing is not measured, not passed.
 	r.Logical.ScaleSwaps[1] = scaleSwapsOf(nil, 3)
 	for _, tg := range b.targets(r) {
