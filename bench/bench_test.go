@@ -321,3 +321,22 @@ func TestRawFigureIsTheMedianOfEveryRun(t *testing.T) {
 		t.Errorf("raw note: %s", n)
 	}
 }
+
+// The probe times real work on its thread's CPU clock, and a window's
+// figure is the median of the samples taken inside it.
+func TestProbeWindowIsTheMedianInside(t *testing.T) {
+	if ms := probeOnce(make([]byte, 64<<10)); ms <= 0 || ms > 1000 {
+		t.Fatalf("probe: %v ms of CPU for 40 SHA-256 sums of 64 KiB", ms)
+	}
+	t0 := time.Now()
+	c := &cpuClock{}
+	for i, ms := range []float64{9, 1.4, 1.2, 1.3, 9} {
+		c.probes = append(c.probes, probeSample{t0.Add(time.Duration(i) * time.Second), ms})
+	}
+	if got := c.probeMedian(t0.Add(time.Second), t0.Add(3*time.Second)); got != 1.3 {
+		t.Errorf("median of the samples at 1-3 s: %v, want 1.3", got)
+	}
+	if got := c.probeMedian(t0.Add(10*time.Second), t0.Add(11*time.Second)); got != 0 {
+		t.Errorf("a window without samples: %v, want 0", got)
+	}
+}
