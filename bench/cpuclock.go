@@ -70,19 +70,7 @@ func startCPUClock(ctx context.Context) *cpuClock {
 	}
 	c := &cpuClock{}
 	c.sample()
-	go c.probeLoop(ctx)
-	go func() {
-		t := time.NewTicker(250 * time.Millisecond)
-		defer t.Stop()
-		for {
-			select {
-			case <-ctx.Done():
-				return
-			case <-t.C:
-				c.sample()
-			}
-		}
-	}()
+	go c.run(ctx)
 	return c
 }
 
@@ -96,10 +84,11 @@ func (c *cpuClock) sample() {
 	c.mu.Unlock()
 }
 
-// probeLoop times the probe's work every 250 ms until ctx ends, on a
-// thread of its own; the fastest of three runs is the sample (a run
-// interrupted by the scheduler pays for the cache it comes back to).
-func (c *cpuClock) probeLoop(ctx context.Context) {
+// run samples the counters and times the probe's work every 250 ms until
+// ctx ends, on a thread of its own (the probe reads that thread's CPU
+// clock); the fastest of three runs of the work is the probe's sample (a
+// run interrupted by the scheduler pays for the cache it comes back to).
+func (c *cpuClock) run(ctx context.Context) {
 	runtime.LockOSThread()
 	defer runtime.UnlockOSThread()
 	buf := make([]byte, 64<<10)
@@ -110,6 +99,7 @@ func (c *cpuClock) probeLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		case <-t.C:
+			c.sample()
 			best := min(probeOnce(buf), probeOnce(buf), probeOnce(buf))
 			if best <= 0 {
 				continue
