@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"runtime"
-	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -149,8 +148,7 @@ func (c *cpuClock) probeMedian(from, to time.Time) float64 {
 	if len(v) == 0 {
 		return 0
 	}
-	slices.Sort(v)
-	return v[len(v)/2]
+	return median(v)
 }
 
 // window is the machine's CPU between the samples nearest from and to.

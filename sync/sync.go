@@ -68,11 +68,7 @@ func (t Trigger) FunctionsSQL() []string {
 		// rowmap.KeyBuckets) before deleting it from the target; only when
 		// the row leaves its source key (a re-key of the target alone,
 		// keeping the source key, leaves the copy's batch to itself).
-		old, nw := make([]string, len(m.SourceKey)), make([]string, len(m.SourceKey))
-		for i, c := range m.SourceKey {
-			old[i], nw[i] = "OLD."+pgsql.Ident(c), "NEW."+pgsql.Ident(c)
-		}
-		fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR ROW(%s) IS DISTINCT FROM ROW(%s) THEN\n", strings.Join(old, ", "), strings.Join(nw, ", "))
+		fmt.Fprintf(&b, "  IF TG_OP = 'DELETE' OR %s THEN\n", keyChanged(m.SourceKey))
 		fmt.Fprintf(&b, "    PERFORM pg_advisory_xact_lock_shared(%d, %s);\n  END IF;\n", g.Class, g.Bucket("OLD."+pgsql.Ident(g.Column)))
 	}
 	fmt.Fprintf(&b, "  DELETE FROM %s AS t USING (SELECT OLD.*) AS %s WHERE %s;\n", m.Target.Quoted(), alias, m.MatchCondition("t"))
@@ -152,7 +148,7 @@ func (t Trigger) DropTriggersSQL() []string {
 func (t Trigger) newRow() string {
 	seen := map[string]bool{}
 	var cols []string
-	for _, c := range append(slices.Clone(t.Mapping.Columns), t.Mapping.Match...) {
+	for _, c := range slices.Concat(t.Mapping.Columns, t.Mapping.Match) {
 		if c.Source == "" {
 			return "(SELECT NEW.*)"
 		}
@@ -184,6 +180,11 @@ func (t Trigger) rekeyCondition() string {
 	if !sameSet(m.ConflictKey, m.MatchColumns()) {
 		return "true"
 	}
+	return keyChanged(cols)
+}
+
+// keyChanged is true when an UPDATE changes any of the source columns cols.
+func keyChanged(cols []string) string {
 	old, nw := make([]string, len(cols)), make([]string, len(cols))
 	for i, c := range cols {
 		old[i], nw[i] = "OLD."+pgsql.Ident(c), "NEW."+pgsql.Ident(c)
