@@ -589,6 +589,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	} else {
 		m.TPSRatio, m.P99Ms = none(err.Error()), none(err.Error())
 	}
+	r.note("%s load run, the workload in each step from start to ready (TPS, share of the reference): %s", mode, stepRatios(l, sr.events, t0, t1, ref))
 	if s, err := l.window(t1, t2); err == nil {
 		m.SyncTPSRatio = ratio(some(s.TPS), ref)
 		if !ts0.IsZero() {

@@ -5,10 +5,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 )
@@ -26,6 +29,47 @@ type cliResult struct {
 	maxRSSKB int64
 	startErr error
 	timedOut time.Duration // non-zero: stopped after this limit
+	// events are the log lines the command wrote to stderr, each stamped
+	// when the bench read it: zerolog's own timestamps are whole seconds,
+	// too coarse to cut the workload's log by the command's steps.
+	events []stampedLine
+}
+
+// stampedLine is one line of a command's output and when it arrived.
+type stampedLine struct {
+	at   time.Time
+	text string
+}
+
+// lineStamper is an io.Writer that keeps every complete line written to it
+// with the time it arrived.
+type lineStamper struct {
+	mu      sync.Mutex
+	partial []byte
+	lines   []stampedLine
+}
+
+func (s *lineStamper) Write(p []byte) (int, error) {
+	now := time.Now()
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.partial = append(s.partial, p...)
+	for {
+		i := bytes.IndexByte(s.partial, '\n')
+		if i < 0 {
+			break
+		}
+		s.lines = append(s.lines, stampedLine{at: now, text: string(s.partial[:i])})
+		s.partial = s.partial[i+1:]
+	}
+	return len(p), nil
+}
+
+// stamped returns the lines so far.
+func (s *lineStamper) stamped() []stampedLine {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return slices.Clone(s.lines)
 }
 
 func (r cliResult) ok() bool { return r.exit == 0 }
@@ -94,11 +138,13 @@ func (b *bench) shadowctl(ctx context.Context, label string, args ...string) cli
 	cmd.WaitDelay = 20 * time.Second
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	var out, errb bytes.Buffer
-	cmd.Stdout, cmd.Stderr = &out, &errb
+	var stamper lineStamper
+	cmd.Stdout, cmd.Stderr = &out, io.MultiWriter(&errb, &stamper)
 	start := time.Now()
 	err := cmd.Run()
 	r.dur = time.Since(start)
 	r.stdout, r.stderr = out.String(), errb.String()
+	r.events = stamper.stamped()
 	if cmd.ProcessState != nil {
 		r.exit = cmd.ProcessState.ExitCode()
 		if ru, ok := cmd.ProcessState.SysUsage().(*syscall.Rusage); ok {

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"math"
@@ -348,4 +349,40 @@ func tail(s string, n int) string {
 		s = "…" + s[len(s)-n:]
 	}
 	return s
+}
+
+// stepRatios cuts [from, to) at each log line a shadowctl command wrote while
+// it ran (green built, bulk copy done, each index built, vacuumed,
+// verified) and gives the workload's throughput in each step as a share of
+// ref: which step costs the application what. A step shorter than a second
+// joins the next one: a fraction of a second holds too few transactions to
+// say anything.
+func stepRatios(l *txlog, events []stampedLine, from, to time.Time, ref M) string {
+	var parts []string
+	start, labels := from, []string(nil)
+	cut := func(end time.Time, label string, last bool) {
+		labels = append(labels, label)
+		if end.Sub(start) < time.Second && !last {
+			return
+		}
+		what := fmt.Sprintf("%.1f s to %s", end.Sub(start).Seconds(), strings.Join(labels, ", "))
+		if s, err := l.window(start, end); err != nil {
+			what += ": " + err.Error()
+		} else if ref.known() {
+			what += fmt.Sprintf(": %.0f TPS, %.2f", s.TPS, s.TPS/ref.val())
+		}
+		parts = append(parts, what)
+		start, labels = end, nil
+	}
+	for _, e := range events {
+		var line struct {
+			Message string `json:"message"`
+		}
+		if json.Unmarshal([]byte(e.text), &line) != nil || line.Message == "" || !e.at.After(start) || !e.at.Before(to) {
+			continue
+		}
+		cut(e.at, strconv.Quote(line.Message), false)
+	}
+	cut(to, "ready", true)
+	return strings.Join(parts, "; ")
 }
