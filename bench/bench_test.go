@@ -342,7 +342,8 @@ func TestProbeWindowIsTheMedianInside(t *testing.T) {
 }
 
 // The workload's log is cut at each JSON line the command wrote, by when it
-// arrived; a step under a second joins the next one, and lines that are not
+// arrived; a step under a second joins the next one (the last, the one
+// before), and lines that are not
 // log events (or fall outside the window) cut nothing.
 func TestStepRatiosCutAtEachLogLine(t *testing.T) {
 	l := &txlog{covered: at(100)}
@@ -353,7 +354,9 @@ func TestStepRatiosCutAtEachLogLine(t *testing.T) {
 		l.txs = append(l.txs, tx{end: at(12 + float64(i)*0.02), lat: 1000})
 	}
 	var s lineStamper
-	ev := func(sec float64, text string) stampedLine { return stampedLine{at: time.UnixMicro(at(sec)), text: text} }
+	ev := func(sec float64, text string) stampedLine {
+		return stampedLine{at: time.UnixMicro(at(sec)), text: text}
+	}
 	fmt.Fprint(&s, `{"message":"green built"}`+"\n"+`{"mess`) // a line arrives in two writes
 	fmt.Fprint(&s, `age":"bulk copy done"}`+"\nnot json\n")
 	if got := s.stamped(); len(got) != 3 || got[1].text != `{"message":"bulk copy done"}` {
@@ -365,9 +368,10 @@ func TestStepRatiosCutAtEachLogLine(t *testing.T) {
 		ev(12, `{"message":"bulk copy done"}`),
 		ev(13, "not json"),
 		ev(14, `{"message":"verified"}`),
+		ev(15.5, `{"message":"ready soon"}`), // the last half second joins the step before
 	}
 	got := stepRatios(l, events, time.UnixMicro(at(10)), time.UnixMicro(at(16)), some(100))
-	want := `2.0 s to "green built", "bulk copy done": 100 TPS, 1.00; 2.0 s to "verified": 50 TPS, 0.50; 2.0 s to ready: 50 TPS, 0.50`
+	want := `2.0 s to "green built", "bulk copy done": 100 TPS, 1.00; 2.0 s to "verified": 50 TPS, 0.50; 2.0 s to "ready soon", ready: 50 TPS, 0.50`
 	if got != want {
 		t.Errorf("steps\n got %s\nwant %s", got, want)
 	}

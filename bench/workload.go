@@ -355,34 +355,44 @@ func tail(s string, n int) string {
 // it ran (green built, bulk copy done, each index built, vacuumed,
 // verified) and gives the workload's throughput in each step as a share of
 // ref: which step costs the application what. A step shorter than a second
-// joins the next one: a fraction of a second holds too few transactions to
-// say anything.
+// joins the next one (the last joins the one before): a fraction of a
+// second holds too few transactions to say anything.
 func stepRatios(l *txlog, events []stampedLine, from, to time.Time, ref M) string {
-	var parts []string
-	start, labels := from, []string(nil)
-	cut := func(end time.Time, label string, last bool) {
-		labels = append(labels, label)
-		if end.Sub(start) < time.Second && !last {
-			return
+	type step struct {
+		start, end time.Time
+		labels     []string
+	}
+	var steps []step
+	open := step{start: from}
+	for _, e := range events {
+		var line struct {
+			Message string `json:"message"`
 		}
-		what := fmt.Sprintf("%.1f s to %s", end.Sub(start).Seconds(), strings.Join(labels, ", "))
-		if s, err := l.window(start, end); err != nil {
+		if json.Unmarshal([]byte(e.text), &line) != nil || line.Message == "" || !e.at.After(open.start) || !e.at.Before(to) {
+			continue
+		}
+		open.labels = append(open.labels, strconv.Quote(line.Message))
+		if e.at.Sub(open.start) >= time.Second {
+			open.end = e.at
+			steps = append(steps, open)
+			open = step{start: e.at}
+		}
+	}
+	open.end, open.labels = to, append(open.labels, "ready")
+	if n := len(steps); n > 0 && to.Sub(open.start) < time.Second {
+		steps[n-1].end, steps[n-1].labels = to, append(steps[n-1].labels, open.labels...)
+	} else {
+		steps = append(steps, open)
+	}
+	parts := make([]string, 0, len(steps))
+	for _, st := range steps {
+		what := fmt.Sprintf("%.1f s to %s", st.end.Sub(st.start).Seconds(), strings.Join(st.labels, ", "))
+		if s, err := l.window(st.start, st.end); err != nil {
 			what += ": " + err.Error()
 		} else if ref.known() {
 			what += fmt.Sprintf(": %.0f TPS, %.2f", s.TPS, s.TPS/ref.val())
 		}
 		parts = append(parts, what)
-		start, labels = end, nil
 	}
-	for _, e := range events {
-		var line struct {
-			Message string `json:"message"`
-		}
-		if json.Unmarshal([]byte(e.text), &line) != nil || line.Message == "" || !e.at.After(start) || !e.at.Before(to) {
-			continue
-		}
-		cut(e.at, strconv.Quote(line.Message), false)
-	}
-	cut(to, "ready", true)
 	return strings.Join(parts, "; ")
 }
