@@ -343,8 +343,8 @@ func TestProbeWindowIsTheMedianInside(t *testing.T) {
 
 // The workload's log is cut at each JSON line the command wrote, by when it
 // arrived; a step under a second joins the next one (the last, the one
-// before), and lines that are not
-// log events (or fall outside the window) cut nothing.
+// before), and lines that are not log events (or fall outside the window)
+// cut nothing.
 func TestStepRatiosCutAtEachLogLine(t *testing.T) {
 	l := &txlog{covered: at(100)}
 	for i := range 200 { // 100 TPS from 10 s to 12 s, then 50 TPS to 16 s

@@ -106,7 +106,7 @@ func (r *Request) Normalize() error {
 		r.Workers = DefaultWorkers
 	}
 	if r.LoadShare == 0 {
-		r.LoadShare = pace.DefaultLoadShare
+		r.LoadShare = DefaultLoadShare(r.Sync)
 	}
 	if r.LoadShare < 0.01 || r.LoadShare > 1 {
 		return fmt.Errorf("%w: --load-share must be between 0.01 and 1 (the share of one worker's time the copy may use while the application is busy; 1: no duty cycle), not %g", ErrBadRequest, r.LoadShare)
@@ -204,4 +204,14 @@ func ParseAssignments(flag string, items []string) (map[string]string, error) {
 		out[col] = expr
 	}
 	return out, nil
+}
+
+// DefaultLoadShare is --load-share's default for a sync mode: trigger sync
+// costs the application its own write into green in every transaction, so
+// its copy steps back further (internal/pace).
+func DefaultLoadShare(mode SyncMode) float64 {
+	if mode == SyncLogical {
+		return pace.DefaultLoadShare
+	}
+	return pace.InTransactionSyncLoadShare
 }

@@ -20,7 +20,7 @@ func init() {
 			&cli.DurationFlag{Name: "soak", Value: demo.DefaultSoak, Usage: "how long the load runs on each side after a swap"},
 			&cli.IntFlag{Name: "batch-size", Usage: "largest copy batch", DefaultText: "as shadowctl start"},
 			&cli.IntFlag{Name: "workers", Usage: "parallel copy workers", DefaultText: "as shadowctl start"},
-			&cli.Float64Flag{Name: "load-share", Value: 1, Usage: "while the load runs: the share of one worker's time the copy uses (shadowctl start's default is 0.33; the demo's 1 keeps it short)"},
+			&cli.Float64Flag{Name: "load-share", Value: 1, Usage: "while the load runs: the share of one worker's time the copy uses (shadowctl start's default is 0.2 with trigger sync; the demo's 1 keeps it short)"},
 			&cli.BoolFlag{Name: "keep", Usage: "leave PostgreSQL running after the report (until Ctrl-C) and print its DSN"},
 		},
 		Action: func(c *cli.Context) error {

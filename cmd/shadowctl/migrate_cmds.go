@@ -119,7 +119,7 @@ func startCommand() *cli.Command {
 			&cli.IntFlag{Name: "batch-size", Usage: "largest copy batch (default 10000; batches adapt to ~0.5 s)"},
 			&cli.IntFlag{Name: "max-rows-per-second", Usage: "copy rate cap (0: none)"},
 			&cli.IntFlag{Name: "workers", Usage: "parallel copy workers (default 2)"},
-			&cli.Float64Flag{Name: "load-share", Usage: "while the application is busy: one copy worker, working this share of its time (default 0.33; 1: flat out)"},
+			&cli.Float64Flag{Name: "load-share", Usage: "while the application is busy: one copy worker, working this share of its time (default 0.2 with trigger sync, 0.33 with logical; 1: flat out)"},
 			&cli.StringFlag{Name: "max-extra-storage", Usage: "refuse when green would need more (e.g. 50GB)"},
 			&cli.DurationFlag{Name: "lock-timeout", Usage: "lock_timeout of every statement that locks the table (default 100ms)"},
 			&cli.StringFlag{Name: "max-retained-wal", Usage: "logical sync: stop and drop the slot when it pins more WAL (default 16GiB)"},

@@ -25,7 +25,6 @@ import (
 	"github.com/rs/zerolog"
 	"github.com/shadowctl/shadowctl/cutover"
 	"github.com/shadowctl/shadowctl/internal/catalog"
-	"github.com/shadowctl/shadowctl/internal/pace"
 	"github.com/shadowctl/shadowctl/internal/pgcluster"
 	"github.com/shadowctl/shadowctl/internal/pgsql"
 	"github.com/shadowctl/shadowctl/shadow"
@@ -59,7 +58,8 @@ type Config struct {
 	// BatchSize and Workers are the copy's (0: shadowctl's defaults).
 	BatchSize, Workers int
 	// LoadShare is the copy's duty cycle while the load runs (0: shadowctl's
-	// default, 0.33; the CLI passes 1, flat out, so that the demo is short).
+	// default, 0.2 with trigger sync; the CLI passes 1, flat out, so that the
+	// demo is short).
 	LoadShare float64
 	// DSN, when set, is an empty database to run in instead of a throwaway
 	// cluster (the integration test uses it).
@@ -271,12 +271,12 @@ func (d *driver) scenario(ctx context.Context) error {
 		BatchSize: d.cfg.BatchSize, Workers: d.cfg.Workers, LoadShare: d.cfg.LoadShare,
 	}
 	share := ""
-	if req.LoadShare > 0 && req.LoadShare != pace.DefaultLoadShare {
+	if req.LoadShare > 0 && req.LoadShare != shadow.DefaultLoadShare(req.Sync) {
 		share = fmt.Sprintf(" --load-share %g", req.LoadShare)
 	}
 	say(d.out, "▸ shadowctl start --table public.orders --alter %q --map 'customer_email=%s'%s", scenarioAlter, emailMapping, share)
 	if req.LoadShare == 1 {
-		say(d.out, "  (--load-share 1: one copy worker flat out while the load runs, to keep the demo short; by default it works a third of its time and leaves the application more room)")
+		say(d.out, "  (--load-share 1: one copy worker flat out while the load runs, to keep the demo short; by default it works a fifth of its time and leaves the application more room)")
 	}
 	d.load.SetPhase("start: submit")
 	t := time.Now()

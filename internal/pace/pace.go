@@ -26,11 +26,21 @@ import (
 )
 
 // DefaultLoadShare is the share of one worker's time the copy and the
-// verification may use while the application is busy. Measured on 2 cores
-// (make bench, 4-client OLTP): one copy worker flat out leaves the
-// application about half its throughput; a third of a worker leaves it the
-// issue's 70 % with trigger sync.
+// verification may use while the application is busy, when nothing else of
+// shadowctl's runs in the application's transactions (logical sync).
+// Measured on 2 cores (make bench, 4-client OLTP): one copy worker flat out
+// leaves the application about half its throughput; a third of a worker
+// leaves it 0.86–0.92 with logical sync.
 const DefaultLoadShare = 0.33
+
+// InTransactionSyncLoadShare is the default share when the sync already
+// runs in the application's own transactions (trigger sync): its write into
+// green costs the application about 17 % by itself, as the plain
+// upsert trigger does, so the copy beside it takes less. On the same bench
+// the copy phase ran at 0.88–0.90 of the sync-only rate with a third of a
+// worker and at 0.94–0.98 with a fifth; time to ready under load went from
+// 47–50 s to 83–88 s at 2,000,000 rows (three alternated runs each).
+const InTransactionSyncLoadShare = 0.2
 
 // Pace is how background work may run now.
 type Pace struct {
