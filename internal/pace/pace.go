@@ -39,7 +39,7 @@ const DefaultLoadShare = 0.33
 // upsert trigger does, so the copy beside it takes less. On the same bench
 // the copy phase ran at 0.88–0.90 of the sync-only rate with a third of a
 // worker and at 0.94–0.98 with a fifth; time to ready under load went from
-// 47–50 s to 83–88 s at 2,000,000 rows (three alternated runs each).
+// 47–50 s to 82–88 s at 2,000,000 rows (three alternated runs each).
 const InTransactionSyncLoadShare = 0.2
 
 // Pace is how background work may run now.
