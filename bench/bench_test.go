@@ -6,7 +6,9 @@ import (
 	"maps"
 	"math"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"strings"
 	"testing"
@@ -374,5 +376,33 @@ func TestStepRatiosCutAtEachLogLine(t *testing.T) {
 	want := `2.0 s to "green built", "bulk copy done": 100 TPS, 1.00; 2.0 s to "verified": 50 TPS, 0.50; 2.0 s to "ready soon", ready: 50 TPS, 0.50`
 	if got != want {
 		t.Errorf("steps\n got %s\nwant %s", got, want)
+	}
+}
+
+// A child's peak RSS is its own: a small child of a large parent reads small,
+// and a child that holds 40 MB reads at least that. (The child's rusage
+// read the parent's size for every child.)
+func TestPeakRSSIsTheChildsOwn(t *testing.T) {
+	ballast := make([]byte, 200<<20)
+	for i := range ballast {
+		ballast[i] = 1
+	}
+	if kb := readHWM("/proc/self/status"); kb < 200<<10 {
+		t.Fatalf("the test's own high-water mark is %d KiB, want at least 200 MiB", kb)
+	}
+	small, err := runMeasured(exec.Command("true"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	big, err := runMeasured(exec.Command("sh", "-c", `x=$(head -c 40000000 /dev/zero | tr '\0' a); test ${#x} -eq 40000000`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	runtime.KeepAlive(ballast)
+	if small > 100<<10 {
+		t.Errorf("`true` peaked at %d KiB: the parent's size, not its own", small)
+	}
+	if big < 40000000/1024 || big > 150<<10 {
+		t.Errorf("a shell holding a 40 MB string peaked at %d KiB, want 39,063 to 153,600", big)
 	}
 }

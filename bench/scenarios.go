@@ -829,7 +829,7 @@ func (b *bench) finishMode(m *modeResult, rssKB int64, load, idle map[string]any
 	if rssKB > 0 {
 		m.PeakRSSMB = some(float64(rssKB) / 1024)
 	} else {
-		m.PeakRSSMB = none("no rusage for the shadowctl process")
+		m.PeakRSSMB = none("no peak RSS read for the shadowctl processes")
 	}
 	if load == nil && cutoverOK {
 		m.LockWaitMs, m.LockHoldMs = none(statusWhy), none(statusWhy)
