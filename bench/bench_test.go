@@ -368,12 +368,13 @@ func TestStepRatiosCutAtEachLogLine(t *testing.T) {
 		ev(5, `{"message":"submitted"}`), // before the window
 		ev(10.5, `{"message":"green built"}`),
 		ev(12, `{"message":"bulk copy done"}`),
+		ev(12, `{"message":"index built"}`), // in the same write as the line before
 		ev(13, "not json"),
 		ev(14, `{"message":"verified"}`),
 		ev(15.5, `{"message":"ready soon"}`), // the last half second joins the step before
 	}
 	got := stepRatios(l, events, time.UnixMicro(at(10)), time.UnixMicro(at(16)), some(100))
-	want := `2.0 s to "green built", "bulk copy done": 100 TPS, 1.00; 2.0 s to "verified": 50 TPS, 0.50; 2.0 s to "ready soon", ready: 50 TPS, 0.50`
+	want := `2.0 s to "green built", "bulk copy done": 100 TPS, 1.00; 2.0 s to "index built", "verified": 50 TPS, 0.50; 2.0 s to "ready soon", ready: 50 TPS, 0.50`
 	if got != want {
 		t.Errorf("steps\n got %s\nwant %s", got, want)
 	}

@@ -368,7 +368,7 @@ func stepRatios(l *txlog, events []stampedLine, from, to time.Time, ref M) strin
 		var line struct {
 			Message string `json:"message"`
 		}
-		if json.Unmarshal([]byte(e.text), &line) != nil || line.Message == "" || !e.at.After(open.start) || !e.at.Before(to) {
+		if json.Unmarshal([]byte(e.text), &line) != nil || line.Message == "" || e.at.Before(from) || !e.at.Before(to) {
 			continue
 		}
 		open.labels = append(open.labels, strconv.Quote(line.Message))
