@@ -67,7 +67,7 @@ func (b *bench) scaleIdle(ctx context.Context, r *results) error {
 		}
 		mode.m.ScaleIdleRatio = some(median(large) / median(small))
 		r.note("%s time to ready at idle, alternately at %d and %d rows in this run: %s s and %s s; the medians' ratio %.2f",
-			mode.name, b.cfg.ScaleFrom, b.cfg.Rows, secondsList(small), secondsList(large), mode.m.ScaleIdleRatio.val())
+			mode.name, b.cfg.ScaleFrom, b.cfg.Rows, sortedFigures(small), sortedFigures(large), mode.m.ScaleIdleRatio.val())
 		for i, rows := range []int{b.cfg.ScaleFrom, b.cfg.Rows} {
 			mode.m.ScaleSwaps[i] = scaleSwapsOf(cuts[i], b.cfg.IdleReps)
 			r.note("%s cutovers after those idle runs at %d rows: %s", mode.name, rows, mode.m.ScaleSwaps[i])
@@ -109,7 +109,7 @@ func (s scaleSwaps) String() string {
 		return whyNot(s.LockHoldMs)
 	}
 	return fmt.Sprintf("workload max latency %s ms, lock hold %s ms (medians %.1f and %.1f)",
-		secondsList(s.lats), secondsList(s.holds), s.MaxLatencyMs.val(), s.LockHoldMs.val())
+		sortedFigures(s.lats), sortedFigures(s.holds), s.MaxLatencyMs.val(), s.LockHoldMs.val())
 }
 
 // idleOnce runs one `start --until ready` on an idle clone of seed and

@@ -230,12 +230,13 @@ func (r *results) rawNotes() {
 		all[i] = run.total().Seconds()
 		machine[i] = fmt.Sprintf("%s, %.2f s: %s", run.when, all[i], run.machine)
 	}
-	r.note("raw limit, idle: %s s, %d runs (the median is the figure)", secondsList(all), len(all))
+	r.note("raw limit, idle: %s s, %d runs (the median is the figure)", sortedFigures(all), len(all))
 	r.note("raw limit, each run in order and the machine during it: %s", strings.Join(machine, "; "))
 }
 
-// secondsList renders measurements in seconds, in order: "9.02, 9.47, 10.33".
-func secondsList(v []float64) string {
+// sortedFigures renders measurements (seconds, milliseconds) smallest
+// first, two decimals: "9.02, 9.47, 10.33".
+func sortedFigures(v []float64) string {
 	s := slices.Clone(v)
 	slices.Sort(s)
 	parts := make([]string, len(s))
@@ -385,7 +386,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	}
 	m.CopyIdleS = some(median(idleRuns))
 	if len(idleRuns) > 1 {
-		r.note("%s time to ready, idle: %s s (the median is the figure)", mode, secondsList(idleRuns))
+		r.note("%s time to ready, idle: %s s (the median is the figure)", mode, sortedFigures(idleRuns))
 	}
 	r.note("%s time to ready, idle, the machine during each run: %s", mode, strings.Join(idleMachine, "; "))
 
@@ -809,7 +810,7 @@ func (b *bench) swapMedians(m *modeResult, cuts []swapSample, mode, how string, 
 	}
 	m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = some(median(lats)), some(median(waits)), some(median(holds))
 	r.note("%s run: %d cutovers, %s; the medians are the figures: workload max latency %s ms, lock hold %s ms, lock wait %s ms",
-		mode, len(cuts), how, secondsList(lats), secondsList(holds), secondsList(waits))
+		mode, len(cuts), how, sortedFigures(lats), sortedFigures(holds), sortedFigures(waits))
 }
 
 // median is the middle value; of an even number of values, the mean of the
