@@ -43,10 +43,10 @@ func TestJSONKeysExactly(t *testing.T) {
 	if k := keys(got); k != "baseline_tps,cpu_windows,logical,machine,offline_alter_max_latency_ms,raw_copy_s,rows,settings,trigger" {
 		t.Errorf("top-level keys: %s", k)
 	}
-	if k := keys(got["trigger"].(map[string]any)); k != "copy_idle_s,copy_load_s,cutover_max_latency_ms,lock_hold_ms,p99_ms,peak_rss_mb,plain_trigger_tps_ratio,sync_tps_ratio,tps_ratio,verify_rows_per_s" {
+	if k := keys(got["trigger"].(map[string]any)); k != "alone_after_tps_ratio,copy_idle_s,copy_load_s,cutover_max_latency_ms,lock_hold_ms,p99_ms,peak_rss_mb,plain_trigger_tps_ratio,sync_tps_ratio,tps_ratio,verify_rows_per_s" {
 		t.Errorf("trigger keys: %s", k)
 	}
-	if k := keys(got["logical"].(map[string]any)); k != "bare_consumer_tps_ratio,copy_idle_s,copy_load_s,cutover_max_latency_ms,lag_p99_s,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio" {
+	if k := keys(got["logical"].(map[string]any)); k != "alone_after_tps_ratio,bare_consumer_tps_ratio,copy_idle_s,copy_load_s,cutover_max_latency_ms,lag_p99_s,lock_hold_ms,p99_ms,peak_rss_mb,sync_tps_ratio,tps_ratio" {
 		t.Errorf("logical keys: %s", k)
 	}
 	if got["baseline_tps"] != 700.0 || got["raw_copy_s"] != nil || got["trigger"].(map[string]any)["copy_idle_s"] != nil {
@@ -405,5 +405,35 @@ func TestPeakRSSIsTheChildsOwn(t *testing.T) {
 	}
 	if big < 40000000/1024 || big > 150<<10 {
 		t.Errorf("a shell holding a 40 MB string peaked at %d KiB, want 39,063 to 153,600", big)
+	}
+}
+
+// The window alone after finalize reads against the reference, and each
+// window of the run against the mean of the two; windows that did not run
+// (zero times) are left out.
+func TestAfterDriftBracketsTheRunsWindows(t *testing.T) {
+	l := &txlog{covered: at(100)}
+	add := func(from, to float64, tps int) {
+		n := int((to - from) * float64(tps))
+		for i := range n {
+			l.txs = append(l.txs, tx{end: at(from + float64(i)/float64(tps)), lat: 1000})
+		}
+	}
+	add(10, 20, 80) // the copy
+	add(20, 30, 60) // sync only
+	add(50, 60, 60) // alone after finalize
+	sec := func(s float64) time.Time { return time.UnixMicro(at(s)) }
+	var r results
+	b := &bench{}
+	got := b.afterDrift(l, &r, "trigger", some(100), sec(50), sec(60), []driftWindow{
+		{"during the copy", sec(10), sec(20)}, {"sync only", sec(20), sec(30)}, {"the plain trigger", time.Time{}, time.Time{}}})
+	if !got.known() || got.val() != 0.6 {
+		t.Fatalf("alone after: %v, want 0.6 of the reference", got)
+	}
+	if len(r.Notes) != 1 || !strings.Contains(r.Notes[0], "(80 TPS): during the copy 1.00, sync only 0.75") || strings.Contains(r.Notes[0], "plain") {
+		t.Errorf("notes %q", r.Notes)
+	}
+	if got := b.afterDrift(l, &r, "trigger", some(100), sec(60), sec(60), nil); got.known() {
+		t.Errorf("an empty window alone read %v", got)
 	}
 }

@@ -73,6 +73,10 @@ type modeResult struct {
 	SyncAloneRatio    M // the sync-only window against the workload alone right after it (logical: stream paused)
 	BareConsumerRatio M // logical: pg_recvlogical alone (nothing applied) against the stream-paused window before it
 	PlainTriggerRatio M // trigger: the issue's plain upsert trigger instead of trigger sync's, to the reference
+	// AloneAfterRatio: the workload alone after finalize, on the finished
+	// table, to the reference: how far the workload alone drifted over
+	// the run.
+	AloneAfterRatio M
 	// ScaleIdleRatio: time to ready at idle on the full table over that on
 	// BENCH_SCALE_FROM rows, measured alternately in this run.
 	ScaleIdleRatio M
@@ -142,6 +146,7 @@ func (r *modeResult) fields() []namedField {
 		{"workload TPS ratio at ready, sync only (to the workload alone right after, stream paused)", &r.SyncAloneRatio},
 		{"workload TPS ratio with a bare pgoutput consumer, nothing applied (pg_recvlogical, to the stream-paused window)", &r.BareConsumerRatio},
 		{"workload TPS ratio at ready with the issue's plain upsert trigger instead (no SECURITY DEFINER, search_path or copy guard; to the reference)", &r.PlainTriggerRatio},
+		{"workload TPS alone after finalize, on the finished table (to the reference: the drift over the run)", &r.AloneAfterRatio},
 		{"workload max latency during cutover (ms)", &r.CutoverMaxLatencyMs},
 		{"workload max latency during finalize (ms)", &r.FinalizeMaxLatencyMs},
 		{"cutover lock wait (ms)", &r.LockWaitMs},
@@ -224,6 +229,9 @@ type jsonTrigger struct {
 	// upsert trigger instead of trigger sync's, what sync_tps_ratio is to
 	// be read against.
 	PlainTriggerTPSRatio M `json:"plain_trigger_tps_ratio"`
+	// The workload alone after finalize, to the reference: the drift
+	// the ratios above carry.
+	AloneAfterTPSRatio M `json:"alone_after_tps_ratio"`
 }
 
 type jsonLogical struct {
@@ -239,6 +247,7 @@ type jsonLogical struct {
 	// Beyond the issue's keys: the same ratio with PostgreSQL's own
 	// consumer and nothing applied, the floor under sync_tps_ratio.
 	BareConsumerTPSRatio M `json:"bare_consumer_tps_ratio"`
+	AloneAfterTPSRatio   M `json:"alone_after_tps_ratio"`
 }
 
 type jsonOut struct {
@@ -282,9 +291,9 @@ func (b *bench) jsonOf(r *results) jsonOut {
 		RawCopyS:                 r.RawCopyS,
 		OfflineAlterMaxLatencyMs: r.OfflineMaxMs,
 		Trigger: jsonTrigger{t.CopyIdleS, t.CopyLoadS, t.TPSRatio, t.SyncTPSRatio, t.P99Ms,
-			t.CutoverMaxLatencyMs, t.LockHoldMs, t.VerifyRowsPerS, t.PeakRSSMB, t.PlainTriggerRatio},
+			t.CutoverMaxLatencyMs, t.LockHoldMs, t.VerifyRowsPerS, t.PeakRSSMB, t.PlainTriggerRatio, t.AloneAfterRatio},
 		Logical: jsonLogical{l.CopyIdleS, l.CopyLoadS, l.TPSRatio, l.SyncTPSRatio, l.P99Ms,
-			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB, l.BareConsumerRatio},
+			l.CutoverMaxLatencyMs, l.LockHoldMs, l.LagP99S, l.PeakRSSMB, l.BareConsumerRatio, l.AloneAfterRatio},
 		Machine:    b.machine,
 		CPUWindows: r.CPU,
 		ScaleInRun: b.scaleInRun(r),

@@ -554,7 +554,7 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 	// Finalize with the workload still running: it validates green's
 	// foreign keys (a join of the whole table), which the cutover leaves
 	// to it, and its swap is the last lock the application meets.
-	var tf0, tf1 time.Time
+	var tf0, tf1, ta0, ta1 time.Time
 	finalized := false
 	if hasCutover && cr.ok() {
 		tf0 = time.Now()
@@ -568,6 +568,21 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		// logged when they finish.
 		if err := w.holdOrNote(ctx, 2*time.Second, r, mode+" run, after finalize"); err != nil {
 			return err
+		}
+		// Then the workload alone once more, on the finished table, nothing
+		// of shadowctl's left: the far side of a bracket around every
+		// window since the reference. On this VM the workload alone drifts
+		// by up to a fifth over a load run (afterDrift), and trigger sync,
+		// which cannot be paused, has no other window alone after its start.
+		if finalized {
+			ta0 = time.Now()
+			if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, the workload alone after finalize"); err != nil {
+				return err
+			}
+			ta1 = time.Now()
+			if err := w.holdOrNote(ctx, time.Second, r, mode+" run, after the window alone"); err != nil {
+				return err
+			}
 		}
 	}
 	l, err := w.stop()
@@ -643,6 +658,11 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		m.CutoverMaxLatencyMs, m.LockWaitMs, m.LockHoldMs = none(cr.reason()), none(cr.reason()), none(cr.reason())
 	default:
 		m.CutoverMaxLatencyMs = l.maxLatency(cuts[0].from, cuts[0].to)
+	}
+	m.AloneAfterRatio = none("no finalize ran (no cutover)")
+	if !ta0.IsZero() {
+		m.AloneAfterRatio = b.afterDrift(l, r, mode, ref, ta0, ta1, []driftWindow{
+			{"during the copy", t0, t1}, {"sync only", t1, t2}, {"sync only after the plain trigger", ts0, ts1}, {"the plain trigger", tp0, tp1}, {"alone at ready (stream paused)", t2, t2b}})
 	}
 	m.FinalizeMaxLatencyMs = none("no finalize ran (no cutover)")
 	if !tf0.IsZero() {
@@ -1099,4 +1119,40 @@ func (b *bench) windowWith(ctx context.Context, w *workload, r *results, what st
 	err = w.holdOrNote(ctx, b.cfg.SyncWin, r, what)
 	t1 = time.Now()
 	return t0, t1, undo(), err
+}
+
+// driftWindow is one window of a load run, read again against the bracket
+// of the two windows alone (afterDrift).
+type driftWindow struct {
+	what     string
+	from, to time.Time
+}
+
+// afterDrift reads the window of the workload alone after finalize, from ta0
+// to ta1, against the reference before start, and notes each of ws (those
+// that ran) against the mean of the two: what the figures would read if the
+// workload alone drifted evenly between the ends. The targets keep the
+// reference before start; this says how much of a ratio is the drift.
+func (b *bench) afterDrift(l *txlog, r *results, mode string, ref M, ta0, ta1 time.Time, ws []driftWindow) M {
+	a, err := l.window(ta0, ta1)
+	if err != nil {
+		return none(err.Error())
+	}
+	after := ratio(some(a.TPS), ref)
+	if !ref.known() {
+		return after
+	}
+	bracket := (ref.val() + a.TPS) / 2
+	var parts []string
+	for _, w := range ws {
+		if w.from.IsZero() || w.to.IsZero() {
+			continue
+		}
+		if s, err := l.window(w.from, w.to); err == nil {
+			parts = append(parts, fmt.Sprintf("%s %.2f", w.what, s.TPS/bracket))
+		}
+	}
+	r.note("%s load run, the workload alone after finalize: %.0f TPS, %.2f of the reference (the machine %s); against the mean of the two windows alone (%.0f TPS): %s",
+		mode, a.TPS, after.val(), b.cpuWindow(r, mode+"_alone_after", ta0, ta1), bracket, strings.Join(parts, ", "))
+	return after
 }
