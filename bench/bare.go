@@ -11,6 +11,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/jackc/pgx/v5"
 )
 
 // bareSlot is the bare consumer's slot and publication.
@@ -80,22 +82,48 @@ func (b *bench) bareConsumer(ctx context.Context) (stop func() error, err error)
 	}
 }
 
-// plainTrigger swaps the body of trigger sync's forward function, for one
-// window, for the issue's "plain row trigger that upserts into green": no
-// SECURITY DEFINER, no fixed search_path, no wait for the copy's key
-// buckets, the bench's columns written as they are. It keeps green as
-// current as the real one does (the workload deletes nothing, and a delete
-// is applied too), so the cutover after it finds green exact. The issue
-// puts that trigger's cost at "about 16 %"; measured in the same run, it
-// is what trigger sync's sync_tps_ratio compares with. restore puts the
-// real definition back.
+// plainTrigger puts, for one window, the issue's "plain row trigger that
+// upserts into green" in the place of trigger sync's triggers: one function
+// for every event, no SECURITY DEFINER, no fixed search_path, no wait for
+// the copy's key buckets, the bench's columns written as they are. It keeps
+// green as current as the real sync does (the workload deletes nothing, and
+// a delete is applied too), so the cutover after it finds green exact. The
+// issue puts that trigger's cost at "about 16 %"; measured in the same run,
+// it is what trigger sync's sync_tps_ratio compares with. The swap is one
+// transaction each way (sync's triggers disabled, the plain one created;
+// then the reverse), so no write goes unsynced; restore puts it back.
 func (b *bench) plainTrigger(ctx context.Context) (restore func() error, err error) {
-	var fn, def string
-	if err := b.pool.QueryRow(ctx, `SELECT t.tgfoid::regproc::text, pg_get_functiondef(t.tgfoid) FROM pg_trigger t
-		WHERE t.tgrelid = 'public.orders'::regclass AND NOT t.tgisinternal AND t.tgname LIKE 'shadowctl\_fwd\_%'`).Scan(&fn, &def); err != nil {
-		return nil, fmt.Errorf("plain trigger: find trigger sync's function on public.orders: %w", err)
+	var names []string
+	if err := b.pool.QueryRow(ctx, `SELECT coalesce(array_agg(quote_ident(tgname::text) ORDER BY tgname), '{}') FROM pg_trigger
+		WHERE tgrelid = 'public.orders'::regclass AND NOT tgisinternal AND tgenabled <> 'D' AND tgname LIKE 'shadowctl\_fwd\_%'`).Scan(&names); err != nil {
+		return nil, fmt.Errorf("plain trigger: find trigger sync's triggers on public.orders: %w", err)
 	}
-	plain := `CREATE OR REPLACE FUNCTION ` + fn + `() RETURNS trigger LANGUAGE plpgsql AS $plain$
+	if len(names) == 0 {
+		return nil, errors.New("plain trigger: trigger sync has no trigger on public.orders")
+	}
+	swap := func(ctx context.Context, enable bool) error {
+		return pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
+			if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '5s'"); err != nil {
+				return err
+			}
+			verb := "DISABLE"
+			if enable {
+				verb = "ENABLE"
+				if _, err := tx.Exec(ctx, `DROP TRIGGER bench_plain_upsert ON public.orders`); err != nil {
+					return err
+				}
+			} else if _, err := tx.Exec(ctx, `CREATE TRIGGER bench_plain_upsert AFTER INSERT OR UPDATE OR DELETE ON public.orders FOR EACH ROW EXECUTE FUNCTION public.bench_plain_upsert()`); err != nil {
+				return err
+			}
+			for _, n := range names {
+				if _, err := tx.Exec(ctx, "ALTER TABLE public.orders "+verb+" TRIGGER "+n); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+	}
+	if _, err := b.pool.Exec(ctx, `CREATE OR REPLACE FUNCTION public.bench_plain_upsert() RETURNS trigger LANGUAGE plpgsql AS $plain$
 BEGIN
   IF TG_OP = 'DELETE' THEN
     DELETE FROM green.orders WHERE id = OLD.id;
@@ -107,13 +135,15 @@ BEGIN
     amount = EXCLUDED.amount, status = EXCLUDED.status, created_at = EXCLUDED.created_at;
   RETURN NULL;
 END
-$plain$`
-	if _, err := b.pool.Exec(ctx, plain); err != nil {
+$plain$`); err != nil {
 		return nil, fmt.Errorf("plain trigger: %w", err)
 	}
+	if err := swap(ctx, false); err != nil {
+		return nil, fmt.Errorf("plain trigger: put it in place of trigger sync's: %w", err)
+	}
 	return func() error {
-		if _, err := b.pool.Exec(context.WithoutCancel(ctx), def); err != nil {
-			return fmt.Errorf("plain trigger: put trigger sync's function back: %w", err)
+		if err := swap(context.WithoutCancel(ctx), true); err != nil {
+			return fmt.Errorf("plain trigger: put trigger sync's triggers back: %w", err)
 		}
 		return nil
 	}, nil

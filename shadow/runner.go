@@ -180,8 +180,10 @@ func (r *Runner) dryRun(ctx context.Context, req Request, blue *pgmeta.Table) er
 	m := &Migration{ID: req.ID, Table: blue.QName(), Request: req, State: State{Plan: plan}}
 	for _, t := range []sync.Trigger{r.forwardSync(m), r.reverseSync(m)} {
 		// Only the functions: creating the triggers would lock blue.
-		if _, err := tx.Exec(ctx, t.CreateSQL()[0]); err != nil {
-			return fmt.Errorf("%w: the sync function does not compile: %s", ErrBadMapping, pgsql.Describe(err))
+		for _, f := range t.FunctionsSQL() {
+			if _, err := tx.Exec(ctx, f); err != nil {
+				return fmt.Errorf("%w: the sync function does not compile: %s", ErrBadMapping, pgsql.Describe(err))
+			}
 		}
 	}
 	return nil
