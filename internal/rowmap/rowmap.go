@@ -71,6 +71,15 @@ func (m Mapping) InsertSelect(from string) string {
 		m.Target.Quoted(), m.TargetColumnList(), overriding, m.SelectList(), from, pgsql.Ident(m.Alias))
 }
 
+// InsertValues renders an INSERT of one row: values[i] goes into Columns[i].
+func (m Mapping) InsertValues(values []string) string {
+	overriding := ""
+	if m.OverridingSystemValue {
+		overriding = " OVERRIDING SYSTEM VALUE"
+	}
+	return fmt.Sprintf("INSERT INTO %s %s%s VALUES (%s)", m.Target.Quoted(), m.TargetColumnList(), overriding, strings.Join(values, ", "))
+}
+
 // OnConflictDoNothing renders the copy's conflict clause: a row already in the
 // target (written by the sync) is newer and wins.
 func (m Mapping) OnConflictDoNothing() string {
