@@ -18,31 +18,8 @@ import (
 )
 
 // Trigger is a trigger sync from Mapping.Source to Mapping.Target.
-type Trigger struct {
-	Mapping rowmap.Mapping
-	// Func and Name name the row trigger's function and the trigger.
-	Func pgsql.QualifiedName
-	Name string
-	// TruncateFunc and TruncateName name the statement trigger that reacts to
-	// TRUNCATE of the source (empty: none). OnTruncate is the SQL it runs.
-	TruncateFunc pgsql.QualifiedName
-	TruncateName string
-	OnTruncate   string
-	// SearchPath is fixed on the function when the mapping has operator SQL.
-	SearchPath string
-	// Guard, when set, makes a DELETE or a key change wait for the copy
-	// batch holding the row's key bucket.
-	Guard *rowmap.KeyBuckets
-}
-
-// CreateSQL returns the statements that create the sync: FunctionsSQL, then
-// TriggersSQL. Creating the triggers takes SHARE ROW EXCLUSIVE on the
-// source: run them under a short lock_timeout.
-func (t Trigger) CreateSQL() []string {
-	return append(t.FunctionsSQL(), t.TriggersSQL()...)
-}
-
-// The sync is two functions behind four row triggers, so that each of the
+//
+// It is two functions behind four row triggers, so that each of the
 // application's writes runs as little as possible:
 //
 //   - the upsert function, for an INSERT and for an UPDATE that keeps the
@@ -69,6 +46,34 @@ func (t Trigger) CreateSQL() []string {
 // column is a blue column as it is: no operator SQL, no cast, only
 // assignment casts, which are found by type), the upsert function has no
 // fixed search_path; otherwise it fixes the same one.
+type Trigger struct {
+	Mapping rowmap.Mapping
+	// Func names the full function, and the upsert function with
+	// "_upsert" added; Name names the DELETE trigger, and the others with
+	// "_ins", "_upd" and "_rekey" added.
+	Func pgsql.QualifiedName
+	Name string
+	// TruncateFunc and TruncateName name the statement trigger that reacts to
+	// TRUNCATE of the source (empty: none). OnTruncate is the SQL it runs.
+	TruncateFunc pgsql.QualifiedName
+	TruncateName string
+	OnTruncate   string
+	// SearchPath is the search_path the functions fix ("" is pg_catalog's):
+	// the full function always, the upsert when the mapping has operator SQL.
+	SearchPath string
+	// Guard, when set, makes a DELETE or a key change wait for the copy
+	// batch holding the row's key bucket.
+	Guard *rowmap.KeyBuckets
+}
+
+// CreateSQL returns the statements that create the sync: FunctionsSQL, then
+// TriggersSQL. Creating the triggers takes SHARE ROW EXCLUSIVE on the
+// source: run them under a short lock_timeout.
+func (t Trigger) CreateSQL() []string {
+	return append(t.FunctionsSQL(), t.TriggersSQL()...)
+}
+
+// upsertFunc names the upsert function (see Trigger).
 func (t Trigger) upsertFunc() pgsql.QualifiedName {
 	return pgsql.QualifiedName{Schema: t.Func.Schema, Name: t.Func.Name + "_upsert"}
 }
@@ -86,9 +91,10 @@ func (t Trigger) searchPathClause() string {
 	return " SET search_path = " + sp
 }
 
-// upsertResolvesNoNames reports whether the upsert (InsertSelect of newRow,
-// OnConflictUpdate) names only tables (qualified) and columns: every
-// mapped column is the source column itself.
+// upsertResolvesNoNames reports whether every mapped column is the source
+// column itself: the upsert is then VALUES of NEW's columns into the
+// (qualified) target, and names nothing the session's search_path could
+// change.
 func (t Trigger) upsertResolvesNoNames() bool {
 	m := t.Mapping
 	for _, c := range slices.Concat(m.Columns, m.Match) {
