@@ -1,9 +1,10 @@
 // Package sync keeps a target table current with every change made to a
 // source table while a migration runs: blue→green before the cutover,
 // green→blue after it. This file holds the trigger implementation: row
-// triggers whose function applies the shared row mapping (internal/rowmap)
+// triggers whose functions apply the shared row mapping (internal/rowmap)
 // inside the application's own transaction, so both sides always agree at
-// every snapshot. It owns the sync objects' DDL and nothing else.
+// every snapshot (see Trigger for how the work is split between them). It
+// owns the sync objects' DDL and nothing else.
 package sync
 
 import (
