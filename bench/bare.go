@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/jackc/pgx/v5"
+	"github.com/shadowctl/shadowctl/internal/pgsql"
 )
 
 // bareSlot is the bare consumer's slot and publication.
@@ -102,26 +103,15 @@ func (b *bench) plainTrigger(ctx context.Context) (restore func() error, err err
 		return nil, errors.New("plain trigger: trigger sync has no trigger on public.orders")
 	}
 	swap := func(ctx context.Context, enable bool) error {
-		return pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error {
-			if _, err := tx.Exec(ctx, "SET LOCAL lock_timeout = '5s'"); err != nil {
-				return err
-			}
-			verb := "DISABLE"
-			if enable {
-				verb = "ENABLE"
-				if _, err := tx.Exec(ctx, `DROP TRIGGER bench_plain_upsert ON public.orders`); err != nil {
-					return err
-				}
-			} else if _, err := tx.Exec(ctx, `CREATE TRIGGER bench_plain_upsert AFTER INSERT OR UPDATE OR DELETE ON public.orders FOR EACH ROW EXECUTE FUNCTION public.bench_plain_upsert()`); err != nil {
-				return err
-			}
-			for _, n := range names {
-				if _, err := tx.Exec(ctx, "ALTER TABLE public.orders "+verb+" TRIGGER "+n); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		verb, plain := "DISABLE", `CREATE TRIGGER bench_plain_upsert AFTER INSERT OR UPDATE OR DELETE ON public.orders FOR EACH ROW EXECUTE FUNCTION public.bench_plain_upsert()`
+		if enable {
+			verb, plain = "ENABLE", `DROP TRIGGER bench_plain_upsert ON public.orders`
+		}
+		stmts := []string{pgsql.LocalLockTimeoutSQL(5 * time.Second), plain}
+		for _, n := range names {
+			stmts = append(stmts, "ALTER TABLE public.orders "+verb+" TRIGGER "+n)
+		}
+		return pgx.BeginFunc(ctx, b.pool, func(tx pgx.Tx) error { return pgsql.ExecPipelined(ctx, tx, stmts) })
 	}
 	if _, err := b.pool.Exec(ctx, `CREATE OR REPLACE FUNCTION public.bench_plain_upsert() RETURNS trigger LANGUAGE plpgsql AS $plain$
 BEGIN

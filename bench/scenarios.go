@@ -571,9 +571,10 @@ func (b *bench) shadowctlMode(ctx context.Context, r *results, mode string, m *m
 		}
 		// Then the workload alone once more, on the finished table, nothing
 		// of shadowctl's left: the far side of a bracket around every
-		// window since the reference. On this VM the workload alone drifts
-		// by up to a fifth over a load run (afterDrift), and trigger sync,
-		// which cannot be paused, has no other window alone after its start.
+		// window since the reference (afterDrift). The references of one
+		// run's modes differed by up to a fifth, and trigger sync, which
+		// cannot be paused, has no other window alone after its start; this
+		// one says whether the workload alone drifted within the mode's run.
 		if finalized {
 			ta0 = time.Now()
 			if err := w.holdOrNote(ctx, b.cfg.SyncWin, r, mode+" run, the workload alone after finalize"); err != nil {

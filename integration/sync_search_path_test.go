@@ -2,6 +2,7 @@ package integration
 
 import (
 	"context"
+	"slices"
 	"testing"
 
 	"github.com/jackc/pgx/v5"
@@ -39,13 +40,8 @@ func TestTriggerSyncRunsNothingFromTheWritersSearchPath(t *testing.T) {
 		FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid WHERE t.tgrelid = 'public.orders'::regclass AND NOT t.tgisinternal AND t.tgname LIKE 'shadowctl\_fwd\_%'`)
 	base := "fwd_" + m.State.Plan.Names.Base
 	want := []string{base + ":true", base + ":true", base + "_upsert:false", base + "_upsert:false"}
-	if len(fixed) != len(want) {
+	if !slices.Equal(fixed, want) {
 		t.Fatalf("sync functions behind blue's triggers (name:fixes its search_path): %v, want %v", fixed, want)
-	}
-	for i := range want {
-		if fixed[i] != want[i] {
-			t.Fatalf("sync functions behind blue's triggers (name:fixes its search_path): %v, want %v", fixed, want)
-		}
 	}
 
 	conn, err := pgx.Connect(ctx, db.DSN)
